@@ -1,0 +1,1 @@
+"""CAST-LRA: efficient attention on the Long Range Arena."""

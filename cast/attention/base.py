@@ -1,0 +1,105 @@
+"""The contract every attention mechanism in this folder follows.
+
+A mechanism is an ``nn.Module`` built as ``Mechanism(d_model, n_heads, dropout=0.0, **options)``
+whose ``forward(x, mask)`` maps ``x`` (batch, length, d_model) to ``y`` of the same shape.
+``mask`` is a bool (batch, length) tensor, True on real tokens. Padded positions never influence
+real ones and come out as exact zeros.
+
+Shapes used throughout the package: B batch, h heads, N length, d head width, D = h*d.
+
+Most mechanisms only differ in how they mix heads-split queries, keys and values; they subclass
+:class:`Attention` and implement :meth:`Attention.attend`. Mechanisms that need more (CAST reads
+``x`` for its gate, Reformer shares Q and K) override :meth:`Attention.forward` and still use the
+shared projections, so parameter names (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``) are the
+same everywhere and a state dict moves between mechanisms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention skeleton: projections in, head merge and output projection out.
+
+    Args:
+        d_model: model width D of the input and output.
+        n_heads: number of heads h.
+        dropout: attention dropout probability (each mechanism applies it where it can).
+        qkv_dim: total width of queries, keys and values (default ``d_model``); the LRA Image
+            and Pathfinder protocols use a narrower one.
+        shared_qk: build no key projection; keys are derived from queries (Reformer).
+    """
+
+    name = "attention"
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        dropout: float = 0.0,
+        qkv_dim: int | None = None,
+        shared_qk: bool = False,
+    ):
+        super().__init__()
+        qkv_dim = qkv_dim or d_model
+        if qkv_dim % n_heads:
+            raise ValueError(
+                f"{type(self).__name__}: qkv_dim={qkv_dim} is not divisible by n_heads={n_heads}; "
+                "choose model.qkv_dim (or model.d_model) as a multiple of model.n_heads"
+            )
+        self.d_model, self.n_heads, self.qkv_dim = d_model, n_heads, qkv_dim
+        self.d_head = qkv_dim // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, qkv_dim)
+        self.k_proj = None if shared_qk else nn.Linear(d_model, qkv_dim)
+        self.v_proj = nn.Linear(d_model, qkv_dim)
+        self.out_proj = nn.Linear(qkv_dim, d_model)
+
+    def split_heads(self, t: Tensor) -> Tensor:
+        """(B, N, h*d) -> (B, h, N, d)."""
+        b, n, _ = t.shape
+        return t.view(b, n, self.n_heads, self.d_head).transpose(1, 2)
+
+    def merge_heads(self, t: Tensor) -> Tensor:
+        """(B, h, N, d) -> (B, N, h*d)."""
+        b, _, n, _ = t.shape
+        return t.transpose(1, 2).reshape(b, n, self.qkv_dim)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Queries, keys and values split into heads; keys are None with ``shared_qk``."""
+        k = None if self.k_proj is None else self.split_heads(self.k_proj(x))
+        return self.split_heads(self.q_proj(x)), k, self.split_heads(self.v_proj(x))
+
+    def output(self, y: Tensor, mask: Tensor) -> Tensor:
+        """Merge heads of ``y`` (B, h, N, d), project, and zero the padded positions."""
+        out = self.out_proj(self.merge_heads(y))
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Subclasses define ``attend(q, k, v, mask) -> (B, h, N, d)`` or override this."""
+        check_inputs(x, mask)
+        q, k, v = self.project(x)
+        return self.output(self.attend(q, k, v, mask), mask)
+
+
+def check_inputs(x: Tensor, mask: Tensor) -> None:
+    """Refuse inputs outside the contract with a message that says what was expected."""
+    if x.dim() != 3 or mask.shape != x.shape[:2]:
+        raise ValueError(
+            f"attention expects x (batch, length, d_model) and mask (batch, length); got x "
+            f"{tuple(x.shape)} and mask {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"attention mask must be bool (True on real tokens), got {mask.dtype}")
+
+
+def key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive bias (B, 1, 1, N): 0 on real keys, the dtype's most negative value on padding.
+
+    A finite value (not -inf) keeps rows with no real key finite instead of NaN.
+    """
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+        ~mask, torch.finfo(dtype).min
+    )[:, None, None, :]

@@ -1,0 +1,3 @@
+from cast.models.classifier import LRAClassifier
+
+__all__ = ["LRAClassifier"]

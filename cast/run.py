@@ -1,0 +1,210 @@
+"""train() and evaluate(): what the entry points and the tests call.
+
+Both take a composed Hydra config (configs/train.yaml, configs/eval.yaml) and return a dict of
+metrics, so sweepers can optimise the value and tests can assert on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from cast.callbacks import PlainProgress, RunStats, peak_memory_mb
+from cast.lit import LitClassifier
+from cast.results import write_results
+from cast.wandb_utils import finish_wandb, prepare_wandb_config, summarise_wandb
+
+META_KEYS = ("_target_", "_partial_")
+
+
+def attention_options(cfg: DictConfig) -> dict[str, Any]:
+    opts = OmegaConf.to_container(cfg.attention, resolve=True)
+    return {k: v for k, v in opts.items() if k not in META_KEYS}
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier]:
+    """The datamodule and the LightningModule of a config (same for train and eval)."""
+    datamodule = instantiate(cfg.task)
+    model = instantiate(
+        cfg.model,
+        attention=instantiate(cfg.attention),
+        vocab_size=datamodule.vocab_size,
+        num_classes=datamodule.num_classes,
+        max_length=datamodule.max_length,
+        pair=datamodule.is_pair,
+    )
+    if cfg.get("compile"):
+        model.compile()
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    return datamodule, LitClassifier(model, datamodule.num_classes, **optim)
+
+
+def _progress_callbacks(mode: str, every: int) -> list[L.Callback]:
+    if mode == "auto":
+        mode = "rich" if sys.stdout.isatty() else "plain"
+    if mode == "rich":
+        return [RichProgressBar()]
+    return [PlainProgress(every)] if mode == "plain" else []
+
+
+def _instantiate_group(group: DictConfig | None) -> list:
+    return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
+
+
+def _resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
+    """``last`` means this run directory's checkpoints/last.ckpt, when there is one."""
+    if ckpt_path in (None, "", "none"):
+        return None
+    if ckpt_path == "last":
+        last = out_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint; pass a .ckpt file or 'last'")
+    return ckpt_path
+
+
+def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
+    progress = cfg.get("progress", "auto")
+    callbacks = callbacks + _progress_callbacks(progress, cfg.trainer.get("log_every_n_steps", 50))
+    return instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(out_dir),
+        enable_progress_bar=any(isinstance(c, RichProgressBar) for c in callbacks),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit on the task's train split, pick the best validation checkpoint, test it.
+
+    results.json in the run directory records the outcome, also when the run fails.
+    """
+    out_dir = Path(cfg.paths.output_dir)
+    results: dict[str, Any] = {
+        "task": cfg.task._target_.rsplit(".", 1)[-1],
+        "attention": cfg.attention._target_.rsplit(".", 1)[-1],
+        "attention_options": attention_options(cfg),
+        "seed": cfg.seed,
+        "val_acc_best": None,
+        "test_acc": None,
+        "params": None,
+        "steps": 0,
+        "wall_time_s": 0.0,
+        "samples_per_s": None,
+        "peak_mem_mb": None,
+        "status": "running",
+        "run_dir": str(out_dir),
+        "overrides": list(cfg.get("overrides") or []),
+    }
+    write_results(out_dir, results)
+    start = time.time()
+    trainer = None
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule, lit = build(cfg)
+        results["task"] = datamodule.name
+        results["attention"] = getattr(lit.model.attention_modules()[0], "name", results["attention"])
+        results["params"] = sum(p.numel() for p in lit.parameters())
+        datamodule.setup()
+        results["test_majority_acc"] = _majority_rate(datamodule)
+        stats = RunStats()
+        callbacks = _instantiate_group(cfg.get("callbacks")) + [stats]
+        prepare_wandb_config(cfg)
+        loggers = _instantiate_group(cfg.get("logger"))
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer = make_trainer(cfg, out_dir, callbacks, loggers)
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.get("ckpt_path"), out_dir))
+        best = _best_checkpoint(trainer)
+        results["val_acc_best"] = _best_score(trainer)
+        if cfg.get("test", True):
+            tested = trainer.test(lit, datamodule=datamodule, ckpt_path=best, verbose=False)
+            results["test_acc"] = tested[0].get("test/acc") if tested else None
+        results.update(
+            steps=trainer.global_step,
+            samples_per_s=stats.samples_per_s,
+            peak_mem_mb=peak_memory_mb(lit.device),
+            best_checkpoint=best,
+            status="ok",
+        )
+    except BaseException as error:
+        results.update(status="failed", error=f"{type(error).__name__}: {error}")
+        if trainer is not None:
+            results["steps"] = trainer.global_step
+        raise
+    finally:
+        results["wall_time_s"] = round(time.time() - start, 3)
+        if trainer is None or trainer.is_global_zero:
+            write_results(out_dir, results)
+        if trainer is not None:
+            summarise_wandb(trainer, results)
+        finish_wandb()
+    return results
+
+
+def _majority_rate(datamodule) -> float | None:
+    """Accuracy of always answering the most frequent test label: the bar to clear."""
+    labels = getattr(datamodule, "splits", {}).get("test", {}).get("label")
+    if labels is None or len(labels) == 0:
+        return None
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str | None:
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
+            return cb.best_model_path
+    return None
+
+
+def _best_score(trainer: L.Trainer) -> float | None:
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_score is not None:
+            return float(cb.best_model_score)
+    value = trainer.callback_metrics.get("val/acc")
+    return None if value is None else float(value)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Reload a run's own saved config and best checkpoint and test it again."""
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        raise FileNotFoundError(f"run_dir={run_dir}: no .hydra/config.yaml; pass a run directory made by train.py")
+    run_cfg = OmegaConf.load(saved)
+    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else _find_checkpoint(run_dir)
+    OmegaConf.update(run_cfg, "paths.output_dir", str(run_dir), force_add=True)
+    if cfg.get("data_root"):
+        OmegaConf.update(run_cfg, "data_root", cfg.data_root, force_add=True)
+    L.seed_everything(run_cfg.seed, workers=True)
+    datamodule, lit = build(run_cfg)
+    trainer = instantiate(
+        run_cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False,
+        default_root_dir=str(run_dir / "eval"),
+    )
+    split = cfg.get("split", "test")
+    loop = trainer.test if split == "test" else trainer.validate
+    metrics = loop(lit, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)[0]
+    prefix = "test" if split == "test" else "val"
+    out = {"run_dir": str(run_dir), "checkpoint": str(ckpt), "split": split, "acc": metrics.get(f"{prefix}/acc")}
+    (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _find_checkpoint(run_dir: Path) -> Path:
+    ckpts = run_dir / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        if (ckpts / name).exists():
+            return ckpts / name
+    raise FileNotFoundError(f"{ckpts}: no best.ckpt or last.ckpt; was the run trained with checkpointing?")
+

@@ -1,0 +1,205 @@
+"""What every LRA task datamodule shares: tensor caching, finding files, batching.
+
+A task subclasses :class:`LRADataModule`, sets ``name``, ``num_classes``, ``vocab_size`` (ids
+0..vocab_size-1, id 0 = padding) and ``is_pair``, and implements ``build_split(split)`` that
+returns a dict of tensors for one split (``input_ids`` long (M, N), ``mask`` bool (M, N), ``label``
+long (M,), and for pair tasks ``input_ids_2``/``mask_2``). The base class caches that dict under
+``<data_dir>/cache/`` keyed by the task's settings, and serves it as dict batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+SPLITS = ("train", "val", "test")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Raised when a task's files are missing; the message says which command provides them."""
+
+
+class DataFormatError(ValueError):
+    """Raised on a malformed data file; the message names the file, the line or field, and the fix."""
+
+
+class TensorDictDataset(Dataset):
+    """Rows of a dict of equally long tensors; fetched a whole batch at a time."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        lengths = {len(t) for t in tensors.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"tensors of unequal length: { {k: len(t) for k, t in tensors.items()} }")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: t[i] for k, t in self.tensors.items()}
+
+    def __getitems__(self, idx: Sequence[int]) -> dict[str, Tensor]:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return {k: t[index] for k, t in self.tensors.items()}
+
+
+def _identity(batch):
+    return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that is a pure function of (seed, epoch), able to start part-way into an epoch.
+
+    Lightning calls ``set_epoch`` each epoch. A run resumed mid-epoch passes ``resume=(epoch,
+    samples_done)``: that epoch's permutation is recomputed and its first samples skipped, so the
+    resumed run sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, seed: int, resume: tuple[int, int] = (0, 0)):
+        self.n, self.seed = n, seed
+        self.epoch, self.resume = resume[0], resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.resume[0] == self.epoch and self.resume[1]:
+            order, self.resume = order[self.resume[1] :], (0, 0)
+        return iter(order)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], max_length: int) -> tuple[Tensor, Tensor]:
+    """Truncate/pad id lists to ``max_length`` with 0: ids (M, max_length) long, mask bool."""
+    ids = torch.zeros(len(sequences), max_length, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = seq[:max_length]
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return ids, ids != 0
+
+
+def find_path(root: str | Path, relative: str) -> Path | None:
+    """Find ``relative`` (e.g. ``listops-1000/basic_train.tsv``) at any depth below ``root``.
+
+    Archives unpack with varying nesting (``lra_release/lra_release/...``); the shallowest match
+    wins, ties broken by name so the choice is stable.
+    """
+    root = Path(root)
+    if (root / relative).exists():
+        return root / relative
+    if not root.is_dir():
+        return None
+    matches = sorted(root.rglob(relative), key=lambda p: (len(p.parts), str(p)))
+    return matches[0] if matches else None
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through a temporary file and rename, so a half-written file is never read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class LRADataModule(L.LightningDataModule):
+    """Base datamodule: subclasses provide ``build_split`` and the class attributes below."""
+
+    name: str = "task"
+    num_classes: int = 2
+    vocab_size: int = 256
+    is_pair: bool = False
+
+    def __init__(
+        self,
+        data_dir: str,
+        max_length: int,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.data_dir = Path(data_dir).expanduser()
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.splits: dict[str, dict[str, Tensor]] = {}
+        self._resume = (0, 0)
+
+    def cache_key(self) -> dict:
+        """Settings that change the tensors; subclasses add theirs."""
+        return {"task": self.name, "max_length": self.max_length}
+
+    def build_split(self, split: str) -> dict[str, Tensor]:
+        """Read (or generate) one split and tokenise it; implemented by each task."""
+        raise TypeError(f"{type(self).__name__} does not define build_split()")
+
+    def cache_path(self, split: str) -> Path:
+        key = json.dumps(self.cache_key(), sort_keys=True)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+        return self.data_dir / "cache" / f"{self.name}-{split}-{digest}.pt"
+
+    def load_split(self, split: str) -> dict[str, Tensor]:
+        path = self.cache_path(split)
+        if path.exists():
+            return torch.load(path)
+        tensors = self.build_split(split)
+        atomic_save(tensors, path)
+        return tensors
+
+    def prepare_data(self) -> None:
+        for split in SPLITS:
+            self.load_split(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in SPLITS:
+            if split not in self.splits:
+                self.splits[split] = self.load_split(split)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the current epoch; saved in every checkpoint."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "samples_done": done * self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state:
+            self._resume = (state["epoch"], state["samples_done"])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.splits:
+            self.setup()
+        dataset = TensorDictDataset(self.splits[split])
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed, self._resume) if shuffle else None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

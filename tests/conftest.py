@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny generated ListOps set and composed configs for fast CPU runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A model and a run small enough to train in seconds on one CPU core.
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.mlp_dim=64",
+    "task.max_length=64",
+    "task.batch_size=16",
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=2",
+    "progress=none",
+    "num_clusters=4",
+]
+
+
+@pytest.fixture(scope="session")
+def listops_dir(tmp_path_factory) -> Path:
+    """A small generated ListOps set in the release layout (short trees, fixed seed)."""
+    from tasks.listops_generator import write_release
+
+    out = tmp_path_factory.mktemp("listops")
+    write_release(out, {"train": 160, "val": 48, "test": 48}, seed=0, min_length=8, max_length=60,
+                  max_depth=4, workers=1, progress=False)
+    return out
+
+
+def compose_train(run_dir: Path, overrides: list[str], config_name: str = "train"):
+    """Compose configs/train.yaml as `python train.py` would, with run_dir as the output dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, listops_dir):
+    """Factory: a tiny ListOps config writing into tmp_path/run (extra overrides appended)."""
+
+    def make(*overrides: str, run_dir: Path | None = None):
+        run_dir = run_dir or tmp_path / "run"
+        base = TINY + [f"task.data_dir={listops_dir}", "task.num_workers=0"]
+        return compose_train(run_dir, base + list(overrides))
+
+    return make

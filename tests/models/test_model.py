@@ -1,0 +1,85 @@
+"""The LRA model: shapes, padding invariance, pooling, pair tasks, and the LR schedules."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from cast.attention.vanilla import VanillaAttention
+from cast.lit import lr_factor
+from cast.models import LRAClassifier
+from cast.models.embedding import sinusoidal_table
+from cast.models.heads import pool
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    args = dict(attention=partial(VanillaAttention), vocab_size=20, num_classes=5, max_length=16,
+                d_model=32, n_layers=2, n_heads=4, mlp_dim=64, dropout=0.0)
+    return LRAClassifier(**(args | kw)).eval()
+
+
+def batch(b=3, n=16, valid=(16, 9, 1), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 20, (b, n), generator=g)
+    mask = torch.arange(n)[None] < torch.tensor(valid)[:, None]
+    return {"input_ids": ids * mask, "mask": mask, "label": torch.zeros(b, dtype=torch.long)}
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "none"])
+def test_logits_shape_and_padding_invariance(pooling, positions):
+    model = make(pooling=pooling, positions=positions)
+    b = batch()
+    logits = model(b)
+    assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+    other = dict(b)
+    other["input_ids"] = torch.where(b["mask"], b["input_ids"], torch.randint(1, 20, b["input_ids"].shape))
+    torch.testing.assert_close(model(other), logits)
+
+
+def test_masked_mean_pool_ignores_padding():
+    x = torch.tensor([[[1.0], [3.0], [100.0]]])
+    mask = torch.tensor([[True, True, False]])
+    assert pool(x, mask, "mean").item() == 2.0
+    assert pool(x, mask, "cls").item() == 1.0
+
+
+@pytest.mark.parametrize("features,width", [("full", 4), ("concat", 2)])
+def test_pair_model_shares_the_encoder(features, width):
+    model = make(pair=True, pair_features=features)
+    assert model.head[0].in_features == 32 * width
+    b = batch()
+    b2 = batch(seed=1)
+    pair = {**b, "input_ids_2": b2["input_ids"], "mask_2": b2["mask"]}
+    logits = model(pair)
+    assert logits.shape == (3, 5)
+    u, v = model.encode(b["input_ids"], b["mask"]), model.encode(b2["input_ids"], b2["mask"])
+    expected = model.head(torch.cat([u, v, u * v, u - v] if features == "full" else [u, v], -1))
+    torch.testing.assert_close(logits, expected)
+
+
+def test_too_long_input_says_what_to_raise():
+    model = make(max_length=8)
+    with pytest.raises(ValueError, match="max_length"):
+        model(batch(n=16))
+
+
+def test_sinusoidal_table_values():
+    table = sinusoidal_table(4, 6)
+    assert table[0, 0] == 0 and table[0, 1] == 1
+    assert math.isclose(table[3, 2].item(), math.sin(3 / 10_000 ** (2 / 6)), rel_tol=1e-5)
+
+
+def test_lr_schedules():
+    # LRA rsqrt: lr * min(1, s/w) / sqrt(max(s, w)), s counted from 1.
+    assert math.isclose(lr_factor(0, "rsqrt", 100, 1000), (1 / 100) / 10)
+    assert math.isclose(lr_factor(99, "rsqrt", 100, 1000), 1 / 10)
+    assert math.isclose(lr_factor(399, "rsqrt", 100, 1000), 1 / 20)
+    assert math.isclose(lr_factor(9, "cosine", 10, 110), 1.0)
+    assert math.isclose(lr_factor(59, "cosine", 10, 110), 0.5, abs_tol=1e-9)
+    assert lr_factor(109, "cosine", 10, 110) < 1e-9
+    assert lr_factor(4, "constant", 10, 100) == 0.5 and lr_factor(50, "constant", 10, 100) == 1.0
