@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cast.callbacks import PlainProgress, RunStats, peak_memory_mb
@@ -106,7 +107,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(out_dir),
         "overrides": list(cfg.get("overrides") or []),
     }
-    write_results(out_dir, results)
+    is_zero = rank_zero_only.rank == 0  # DDP ranks share rank 0's run directory
+    if is_zero:
+        write_results(out_dir, results)
     start = time.time()
     trainer = None
     try:
@@ -144,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         results["wall_time_s"] = round(time.time() - start, 3)
-        if trainer is None or trainer.is_global_zero:
+        if is_zero:
             write_results(out_dir, results)
         if trainer is not None:
             summarise_wandb(trainer, results)
@@ -157,7 +160,7 @@ def _majority_rate(datamodule) -> float | None:
     labels = getattr(datamodule, "splits", {}).get("test", {}).get("label")
     if labels is None or len(labels) == 0:
         return None
-    return float(torch.bincount(labels).max()) / len(labels)
+    return float(torch.bincount(labels.long()).max()) / len(labels)
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str | None:

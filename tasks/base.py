@@ -2,9 +2,12 @@
 
 A task subclasses :class:`LRADataModule`, sets ``name``, ``num_classes``, ``vocab_size`` (ids
 0..vocab_size-1, id 0 = padding) and ``is_pair``, and implements ``build_split(split)`` that
-returns a dict of tensors for one split (``input_ids`` long (M, N), ``mask`` bool (M, N), ``label``
-long (M,), and for pair tasks ``input_ids_2``/``mask_2``). The base class caches that dict under
-``<data_dir>/cache/`` keyed by the task's settings, and serves it as dict batches.
+returns a dict of compact tensors for one split: ``input_ids`` (M, N) in the smallest integer
+dtype that holds the vocabulary, or ``pixels`` uint8 (M, N) for image tasks (id = pixel + 1),
+``label`` (M,), and for pair tasks ``input_ids_2``. The base class caches that dict under
+``<data_dir>/cache/`` keyed by the task's settings and widens each batch in
+:meth:`LRADataModule.batch_transform` to ``input_ids`` long, ``mask`` bool (id != 0), ``label``
+long: Retrieval's cache is then 3 GB instead of 13 GB, and Path-X's 3.3 GB instead of 26 GB.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -32,23 +35,23 @@ class DataFormatError(ValueError):
 
 
 class TensorDictDataset(Dataset):
-    """Rows of a dict of equally long tensors; fetched a whole batch at a time."""
+    """Rows of a dict of equally long tensors, fetched a whole batch at a time and transformed."""
 
-    def __init__(self, tensors: dict[str, Tensor]):
+    def __init__(self, tensors: dict[str, Tensor], transform: Callable[[dict], dict]):
         lengths = {len(t) for t in tensors.values()}
         if len(lengths) != 1:
             raise ValueError(f"tensors of unequal length: { {k: len(t) for k, t in tensors.items()} }")
-        self.tensors = tensors
+        self.tensors, self.transform = tensors, transform
 
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {k: t[i] for k, t in self.tensors.items()}
+        return {k: t[0] for k, t in self.__getitems__([i]).items()}
 
     def __getitems__(self, idx: Sequence[int]) -> dict[str, Tensor]:
         index = torch.as_tensor(idx, dtype=torch.long)
-        return {k: t[index] for k, t in self.tensors.items()}
+        return self.transform({k: t[index] for k, t in self.tensors.items()})
 
 
 def _identity(batch):
@@ -81,13 +84,18 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(order)
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], max_length: int) -> tuple[Tensor, Tensor]:
-    """Truncate/pad id lists to ``max_length`` with 0: ids (M, max_length) long, mask bool."""
-    ids = torch.zeros(len(sequences), max_length, dtype=torch.long)
+def compact_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest integer dtype that holds ids 0..vocab_size-1."""
+    return torch.uint8 if vocab_size <= 256 else torch.int16 if vocab_size <= 32768 else torch.long
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], max_length: int, dtype: torch.dtype = torch.long) -> Tensor:
+    """Truncate/pad id lists to ``max_length`` with 0: ids (M, max_length)."""
+    ids = torch.zeros(len(sequences), max_length, dtype=dtype)
     for row, seq in enumerate(sequences):
         seq = seq[:max_length]
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    return ids, ids != 0
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=dtype)
+    return ids
 
 
 def find_path(root: str | Path, relative: str) -> Path | None:
@@ -120,6 +128,7 @@ class LRADataModule(L.LightningDataModule):
     num_classes: int = 2
     vocab_size: int = 256
     is_pair: bool = False
+    pixel0_is_padding: bool = False  # image tasks: black pixels become padding (the LRA code's habit)
 
     def __init__(
         self,
@@ -147,6 +156,27 @@ class LRADataModule(L.LightningDataModule):
     def build_split(self, split: str) -> dict[str, Tensor]:
         """Read (or generate) one split and tokenise it; implemented by each task."""
         raise TypeError(f"{type(self).__name__} does not define build_split()")
+
+    def batch_transform(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Cached rows -> what the model sees: ids long, masks bool (id 0 = padding), labels long."""
+        rows = dict(rows)
+        if "pixels" in rows:
+            pixels = rows.pop("pixels").long()
+            rows["input_ids"] = (pixels + 1) * (pixels != 0) if self.pixel0_is_padding else pixels + 1
+        for suffix in ("", "_2"):
+            if f"input_ids{suffix}" in rows:
+                ids = rows[f"input_ids{suffix}"] = rows[f"input_ids{suffix}"].long()
+                rows[f"mask{suffix}"] = ids != 0
+        rows["label"] = rows["label"].long()
+        return rows
+
+    def rows(self, split: str, index: Sequence[int] | Tensor | None = None) -> dict[str, Tensor]:
+        """Rows of a split (all by default) exactly as batches carry them."""
+        if split not in self.splits:
+            self.setup()
+        stored = self.splits[split]
+        index = torch.arange(len(stored["label"])) if index is None else torch.as_tensor(index)
+        return self.batch_transform({k: t[index] for k, t in stored.items()})
 
     def cache_path(self, split: str) -> Path:
         key = json.dumps(self.cache_key(), sort_keys=True)
@@ -185,7 +215,7 @@ class LRADataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits:
             self.setup()
-        dataset = TensorDictDataset(self.splits[split])
+        dataset = TensorDictDataset(self.splits[split], self.batch_transform)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,

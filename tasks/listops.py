@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from tasks import listops_generator
-from tasks.base import DataFormatError, DataNotFoundError, LRADataModule, find_path, pad_batch
+from tasks.base import DataFormatError, DataNotFoundError, LRADataModule, compact_dtype, find_path, pad_batch
 
 VOCAB = [str(d) for d in range(10)] + ["[MIN", "[MAX", "[MED", "[SM", "]"]
 TOKEN_ID = {tok: i + 1 for i, tok in enumerate(VOCAB)}
@@ -98,5 +98,5 @@ class ListOpsDataModule(LRADataModule):
 
     def build_split(self, split: str) -> dict[str, Tensor]:
         sources, targets = read_tsv(self._file(split))
-        ids, mask = pad_batch([encode(s) for s in sources], self.max_length)
-        return {"input_ids": ids, "mask": mask, "label": torch.tensor(targets, dtype=torch.long)}
+        ids = pad_batch([encode(s) for s in sources], self.max_length, compact_dtype(self.vocab_size))
+        return {"input_ids": ids, "label": torch.tensor(targets, dtype=torch.uint8)}

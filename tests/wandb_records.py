@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -26,6 +27,8 @@ def records(path: str | Path) -> list[pb.Record]:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):
+            break  # the writer is still appending this chunk
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0:
@@ -38,10 +41,24 @@ def records(path: str | Path) -> list[pb.Record]:
     return out
 
 
+def wait_for_exit(path: str | Path, timeout: float = 60.0) -> list[pb.Record]:
+    """The run's records once its writer has flushed the final ``exit`` record.
+
+    wandb's core process writes the file on its own schedule: wandb.finish() can return before
+    the last records are on disk.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(path) if Path(path).exists() else []
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def summary(path: str | Path) -> dict:
     """The run's final summary: every summary update applied in order."""
     result: dict = {}
-    for record in records(path):
+    for record in wait_for_exit(path):
         if record.WhichOneof("record_type") == "summary":
             for item in record.summary.update:
                 result[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
@@ -49,12 +66,22 @@ def summary(path: str | Path) -> dict:
 
 
 def tables(path: str | Path) -> list[dict]:
-    """Every wandb.Table logged to history, as its JSON payload reference."""
+    """Every wandb.Table logged to history: its key plus the reference fields (path, nrows, ncols...).
+
+    wandb 0.2x+ writes a logged dict as one history item per field (nested_key [key, field]);
+    older versions wrote one item whose value_json is the whole dict. Both are read.
+    """
     found = []
-    for record in records(path):
-        if record.WhichOneof("record_type") == "history":
-            for item in record.history.item:
-                value = json.loads(item.value_json)
-                if isinstance(value, dict) and value.get("_type") == "table-file":
-                    found.append({"key": item.key or "/".join(item.nested_key), **value})
+    for record in wait_for_exit(path):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        values: dict[str, dict] = {}
+        for item in record.history.item:
+            keys = list(item.nested_key) or [item.key]
+            value = json.loads(item.value_json)
+            if len(keys) > 1:
+                values.setdefault("/".join(keys[:-1]), {})[keys[-1]] = value
+            elif isinstance(value, dict):
+                values.setdefault(keys[0], {}).update(value)
+        found += [{"key": key, **value} for key, value in values.items() if value.get("_type") == "table-file"]
     return found

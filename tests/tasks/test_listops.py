@@ -97,9 +97,11 @@ def test_release_format_is_read_exactly(tmp_path):
     dm = ListOpsDataModule(str(tmp_path), max_length=8, batch_size=2)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    ids = dm.splits["train"]["input_ids"]
+    rows = dm.rows("train")
+    ids = rows["input_ids"]
     assert ids[0].tolist() == [VOCAB.index("[MAX") + 1, 5, 4, VOCAB.index("]") + 1, 0, 0, 0, 0]
-    assert dm.splits["train"]["mask"][0].tolist() == [True] * 4 + [False] * 4
+    assert rows["mask"][0].tolist() == [True] * 4 + [False] * 4
+    assert dm.splits["train"]["input_ids"].dtype == torch.uint8, "the cache keeps compact ids"
     assert sorted(batch["label"].tolist()) == [4, 7]
     assert batch["input_ids"].dtype == torch.long and batch["mask"].dtype == torch.bool
 

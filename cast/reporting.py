@@ -1,0 +1,299 @@
+"""Finished runs -> accuracy tables: the LRA layout (model × task) and CAST against cluster count.
+
+Everything comes from the run directories (results.json, and .hydra/config.yaml when present);
+nothing is fetched from a network service. Vocabulary:
+
+- a *run* is one results.json;
+- a *model* is the row label: the attention's name plus the settings that tell its runs on one
+  task apart, e.g. ``cast (clustering=sa_topk)`` or ``vanilla (model.n_layers=2)``; runs of one
+  model on one task that differ only in the seed are the samples of one *cell*;
+- a cell shows mean ± sample standard deviation (n − 1) over its finished runs, in percent.
+
+Failed and unfinished runs (``status`` ``failed`` / ``running``) are kept: a cell without any
+finished run says so, and :func:`unfinished` lists them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from cast.results import read_results
+
+# Column order of the LRA paper; Path-X is an extra column, outside the five-task average.
+LRA_TASKS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
+             "pathfinder": "Pathfinder"}
+EXTRA_TASKS = {"pathx": "Path-X"}
+ORDER = ("vanilla", "cast", "clustered", "iclustered", "fastmax", "performer", "reformer")
+METRICS = ("test_acc", "val_acc_best")
+
+# Reported test accuracy in percent, as lra.md lists it: Transformer, Reformer, Performer and
+# BigBird from the LRA paper (Tay et al., ICLR 2021, Table 1), Luna-256 and S4 from their papers,
+# CAST (van Engelenhoven et al., 2024) publishes its average only. "avg" is the reported five-task
+# average; S4 reports a six-task one (86.09, with Path-X), so its average here is computed.
+PAPER: dict[str, dict[str, float]] = {
+    "Transformer (reported)": dict(listops=36.37, text=64.27, retrieval=57.46, image=42.44, pathfinder=71.40,
+                                   avg=54.39),
+    "Reformer (reported)": dict(listops=37.27, text=56.10, retrieval=53.40, image=38.07, pathfinder=68.50, avg=50.67),
+    "Performer (reported)": dict(listops=18.01, text=65.40, retrieval=53.82, image=42.77, pathfinder=77.05, avg=51.41),
+    "BigBird (reported)": dict(listops=36.05, text=64.02, retrieval=59.29, image=40.83, pathfinder=74.87, avg=55.01),
+    "Luna-256 (reported)": dict(listops=37.25, text=64.57, retrieval=79.29, image=47.38, pathfinder=77.72, avg=59.37),
+    "CAST (reported, average only)": dict(avg=59.32),
+    "S4 (reported; not attention)": dict(listops=59.60, text=86.82, retrieval=90.90, image=88.65, pathfinder=94.20,
+                                         pathx=96.35),
+}
+
+# Settings that do not change what a run learns; they never split runs into different models.
+IGNORED = ("seed", "num_clusters", "data_root", "paths", "progress", "ckpt_path", "logger", "callbacks",
+           "test", "compile", "optimized_metric", "attention", "hydra", "task.data_dir", "task.num_workers",
+           "task.seed", "task.generate", "task.eval_batch_size", "trainer.devices", "trainer.accelerator",
+           "trainer.strategy", "trainer.num_nodes", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+           "trainer.limit_val_batches", "trainer.limit_test_batches", "trainer.deterministic")
+
+
+@dataclass
+class Run:
+    path: Path
+    results: dict[str, Any]
+    task: str
+    attention: str
+    settings: dict[str, Any]          # attention options (plain keys) and config values (dotted keys)
+    parts: dict[str, Any] = field(default_factory=dict)  # the settings that name its model
+
+    @property
+    def status(self) -> str:
+        return self.results.get("status") or "?"
+
+    @property
+    def model(self) -> str:
+        return model_label(self.attention, self.parts)
+
+    @property
+    def readable(self) -> bool:
+        """False for a results.json that could not be read: listed as failed, kept out of tables."""
+        return "task" in self.results
+
+
+@dataclass
+class Cell:
+    values: list[float]               # one per finished run, in percent
+    failed: int = 0
+    running: int = 0
+    mean_override: float | None = None  # one given number: an average of cells, a reported result
+
+    @property
+    def mean(self) -> float | None:
+        if self.mean_override is not None:
+            return self.mean_override
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class Row:
+    label: str
+    cells: list[Cell | None]
+    seeds: list[int] = field(default_factory=list)
+    reference: bool = False           # a paper row: shown for comparison, never marked best
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    keys: list[str]                   # machine names of the columns (task names, cluster counts)
+    rows: list[Row]
+    label_header: str = "Model"
+    best_per: str = "column"          # column: best model per task | row: best cluster count per task
+
+    def marked(self) -> set[tuple[int, int]]:
+        """(row, column) of every best cell; reported rows never compete."""
+        means = {(i, j): c.mean for i, r in enumerate(self.rows) if not r.reference
+                 for j, c in enumerate(r.cells) if c is not None and c.mean is not None}
+        line = 1 if self.best_per == "column" else 0
+        best: dict[int, float] = {}
+        for at, mean in means.items():
+            best[at[line]] = max(mean, best.get(at[line], mean))
+        return {at for at, mean in means.items() if math.isclose(mean, best[at[line]])}
+
+
+def model_label(attention: str, parts: dict[str, Any]) -> str:
+    if not parts:
+        return attention
+    return f"{attention} ({', '.join(f'{k}={_short(v)}' for k, v in parts.items())})"
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def natural_key(text: str) -> list:
+    """Sort 'cast (num_clusters=8)' before 'cast (num_clusters=16)'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in IGNORED)
+
+
+def load_run(path: Path) -> Run:
+    """One results.json and what its run directory's .hydra/ says about the run."""
+    try:
+        results = read_results(path)
+    except ValueError as error:
+        results = {"status": "failed", "error": f"unreadable results.json: {error}", "attention": "?"}
+    hydra_dir = path.parent / ".hydra"
+    settings = dict(results.get("attention_options") or {})
+    task, attention = results.get("task") or "?", results.get("attention") or "?"
+    if (hydra_dir / "config.yaml").exists():
+        config = OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=False)
+        settings.update({k: v for k, v in _flatten(config).items() if not _ignored(k)})
+    if (hydra_dir / "hydra.yaml").exists():
+        # Config names are what the user typed (pathx, not the datamodule's name pathfinder), and
+        # they exist even for a run that failed before its datamodule or attention was built.
+        choices = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.runtime.choices") or {}
+        task, attention = choices.get("task") or task, choices.get("attention") or attention
+    return Run(path=path, results=results, task=task, attention=attention, settings=settings)
+
+
+def collect(dirs: list[str | Path]) -> list[Run]:
+    """Every run below the given run or multirun directories, labelled by model."""
+    paths: set[Path] = set()
+    for d in map(Path, dirs):
+        if not d.exists():
+            raise FileNotFoundError(f"{d}: no such directory; pass run or multirun directories made by train.py")
+        paths.update(p.resolve() for p in ([d] if d.is_file() else d.rglob("results.json")))
+    runs = [load_run(p) for p in sorted(paths)]
+    name_models(runs)
+    return runs
+
+
+def name_models(runs: list[Run]) -> None:
+    """Label each run by the settings that vary among runs of its attention on one task."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[(run.task, run.attention)].append(run)
+    varying: dict[str, set[str]] = defaultdict(set)
+    for (_, attention), members in groups.items():
+        for key in set().union(*(m.settings for m in members)):
+            if len({json.dumps(m.settings.get(key), sort_keys=True) for m in members}) > 1:
+                varying[attention].add(key)
+    for run in runs:
+        keys = sorted(varying[run.attention], key=lambda k: ("." in k, k))  # attention options first
+        run.parts = {k: run.settings[k] for k in keys if k in run.settings}
+
+
+def _cell(runs: list[Run], metric: str) -> Cell:
+    values = [100 * r.results[metric] for r in runs if r.status == "ok" and r.results.get(metric) is not None]
+    return Cell(values, sum(r.status == "failed" for r in runs), sum(r.status == "running" for r in runs))
+
+
+def _seeds(runs: list[Run]) -> list[int]:
+    return sorted({r.results["seed"] for r in runs if r.status == "ok" and r.results.get("seed") is not None})
+
+
+def _index(order, item) -> int:
+    return order.index(item) if item in order else len(order)
+
+
+def _row_order(label: str) -> tuple:
+    return (_index(ORDER, label.split(" ", 1)[0]), natural_key(label))
+
+
+def lra_table(runs: list[Run], metric: str = "test_acc", paper: bool = True) -> Table:
+    """Model × task in the LRA paper's layout, with the five-task average and the paper's rows."""
+    runs = [r for r in runs if r.readable]
+    tasks = sorted({r.task for r in runs})
+    keys = list(LRA_TASKS) + [t for t in EXTRA_TASKS if t in tasks]
+    keys += sorted(t for t in tasks if t not in keys)  # tasks this project does not know by name
+    by_model: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_model[run.model].append(run)
+    rows = []
+    for label in sorted(by_model, key=_row_order):
+        members = by_model[label]
+        cells: list[Cell | None] = [
+            _cell([r for r in members if r.task == t], metric) if any(r.task == t for r in members) else None
+            for t in keys
+        ]
+        rows.append(Row(label, cells + [_average(keys, cells)], _seeds(members)))
+    if paper:
+        rows += [_paper_row(name, keys) for name in PAPER]
+    columns = [LRA_TASKS.get(t) or EXTRA_TASKS.get(t) or t for t in keys] + ["Avg"]
+    return Table(f"LRA accuracy (%), {metric}", columns, keys + ["avg"], rows)
+
+
+def _average(keys: list[str], cells: list[Cell | None]) -> Cell | None:
+    means = [c.mean if c else None for t, c in zip(keys, cells) if t in LRA_TASKS]
+    if any(m is None for m in means):
+        return None
+    return Cell([], mean_override=statistics.fmean(means))
+
+
+def _paper_row(name: str, keys: list[str]) -> Row:
+    scores = PAPER[name]
+    cells: list[Cell | None] = [Cell([], mean_override=scores[t]) if t in scores else None for t in keys]
+    avg = scores.get("avg")
+    if avg is None and all(t in scores for t in LRA_TASKS):
+        avg = statistics.fmean(scores[t] for t in LRA_TASKS)
+    return Row(name, cells + [None if avg is None else Cell([], mean_override=avg)], reference=True)
+
+
+def cluster_table(runs: list[Run], metric: str = "test_acc", attention: str = "cast") -> Table | None:
+    """Accuracy per task (and variant) × number of clusters; None without such runs."""
+    chosen = [r for r in runs if r.attention == attention and "num_clusters" in r.settings]
+    if not chosen:
+        return None
+    counts = sorted({int(r.settings["num_clusters"]) for r in chosen})
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in chosen:
+        rest = {k: v for k, v in run.parts.items() if k != "num_clusters"}
+        name = LRA_TASKS.get(run.task) or EXTRA_TASKS.get(run.task) or run.task
+        groups[model_label(name, rest)].append(run)
+    task_order = [*LRA_TASKS, *EXTRA_TASKS]
+    rows = []
+    for label in sorted(groups, key=lambda g: (_index(task_order, groups[g][0].task), natural_key(g))):
+        members = groups[label]
+        cells: list[Cell | None] = []
+        for count in counts:
+            at = [r for r in members if int(r.settings["num_clusters"]) == count]
+            cells.append(_cell(at, metric) if at else None)
+        rows.append(Row(label, cells, _seeds(members)))
+    return Table(f"{attention} accuracy (%) by number of clusters, {metric}", [str(c) for c in counts],
+                 [str(c) for c in counts], rows, label_header="Task", best_per="row")
+
+
+def unfinished(runs: list[Run]) -> list[Run]:
+    """Runs that failed or never finished, in a stable order."""
+    return sorted((r for r in runs if r.status != "ok"), key=lambda r: (r.task, natural_key(r.model), str(r.path)))
+
+
+def fmt(cell: Cell | None) -> str:
+    """A cell as text: '36.37 ± 0.52', '36.37', 'failed', 'running' or '-'."""
+    if cell is None:
+        return "-"
+    if cell.mean is None:
+        return "running" if cell.running else "failed" if cell.failed else "-"
+    text = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
+    problems = [f"{n} {what}" for n, what in ((cell.failed, "failed"), (cell.running, "running")) if n]
+    return text + (f" ({', '.join(problems)})" if problems else "")

@@ -1,0 +1,324 @@
+"""Fetching the data sets: resumable HTTP downloads, archive unpacking, and the hub/tfds sources.
+
+- :func:`download` fetches a URL into ``<dest>.part`` and resumes an interrupted download with an
+  HTTP Range request; the finished file is checked (its size against the server's, its MD5
+  against Google Cloud Storage's ``x-goog-hash`` header when the server sends one, a given
+  sha256) and only then renamed to ``dest``, so a half-written file never carries the final name.
+- :func:`extract` unpacks a (gzipped) tar into a hidden staging folder and moves its top-level
+  entries into place when complete.
+- ``prepare_data.py lra_release`` (``add_arguments``/``prepare`` below) downloads and unpacks
+  ``lra_release.gz`` (ListOps, Retrieval/AAN, Pathfinder) and says where each task's folder is.
+- For :mod:`tasks.text` and :mod:`tasks.image`: :func:`hub_split_tables` reads a local copy of a
+  Hugging Face data set (``save_to_disk`` or the hub's parquet files), :func:`tfds_pairs` a
+  prepared tensorflow-datasets one; :func:`fetch_hub` and :func:`fetch_tfds` make those copies
+  (``prepare_data.py text|image``).
+
+A network failure raises :class:`DownloadError` whose one-line message names the URL to fetch by
+hand and where to put the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+import zlib
+from http.client import HTTPException
+from pathlib import Path
+
+import rich.progress
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from tasks.base import DataFormatError, DataNotFoundError, find_path
+
+LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
+CHUNK = 1 << 20
+# What the LRA archive holds, by the folder each task's reader looks for.
+RELEASE_FOLDERS = {
+    "ListOps": "listops-1000",
+    "Retrieval (AAN)": "tsv_data",
+    "Pathfinder": "pathfinder32",
+    "Path-X": "pathfinder128",
+}
+HUB_CACHE = "hf_cache"
+
+
+class DownloadError(RuntimeError):
+    """A download or fetch that failed; the message is one line and says what to do by hand."""
+
+
+def _by_hand(url: str, dest: Path) -> str:
+    return f"download it by hand (e.g. `curl -L -C - -o {dest} {url}`) and put it at {dest}, then run this again"
+
+
+def _content_total(headers, start: int, status: int) -> int | None:
+    """Size of the whole file: ``Content-Range: bytes a-b/TOTAL`` on 206/416, else Content-Length."""
+    content_range = headers.get("Content-Range", "")
+    if "/" in content_range and not content_range.endswith("*"):
+        return int(content_range.rsplit("/", 1)[1])
+    length = headers.get("Content-Length")
+    return int(length) + (start if status == 206 else 0) if length is not None else None
+
+
+def _goog_md5(headers) -> str | None:
+    """Base64 MD5 of the whole object from ``x-goog-hash: crc32c=...,md5=...`` (GCS), if sent."""
+    for header in headers.get_all("x-goog-hash") or []:
+        for item in header.split(","):
+            name, _, value = item.strip().partition("=")
+            if name == "md5":
+                return value
+    return None
+
+
+def _check(part: Path, url: str, dest: Path, total: int | None, md5: str | None, sha256: str | None, progress: bool):
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise DownloadError(f"{url}: got {size:,} of {total:,} bytes; run this again to resume from {part}")
+    if total is not None and size > total:
+        part.unlink()
+        raise DownloadError(f"{url}: got {size:,} bytes, more than the server's {total:,}; deleted {part}, run this again")
+    if md5 is None and sha256 is None:
+        return
+    digests = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
+    with rich.progress.open(part, "rb", description=f"checking {dest.name}", disable=not progress, transient=True) as f:
+        while block := f.read(CHUNK):
+            for digest in digests.values():
+                digest.update(block)
+    wrong = (md5 is not None and base64.b64encode(digests["md5"].digest()).decode() != md5) or (
+        sha256 is not None and digests["sha256"].hexdigest() != sha256.lower()
+    )
+    if wrong:
+        part.unlink()
+        raise DownloadError(f"{url}: checksum mismatch, the download is corrupt; deleted {part}, run this again")
+
+
+def download(url: str, dest: str | Path, sha256: str | None = None, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), check it, rename it; returns ``dest``.
+
+    An existing ``dest`` is taken as complete: only a checked download is ever renamed to it.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    start = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and _content_total(error.headers, start, 416) == start:
+            _check(part, url, dest, start, _goog_md5(error.headers), sha256, progress)
+            os.replace(part, dest)
+            return dest
+        raise DownloadError(f"{url}: HTTP {error.code} {error.reason}; {_by_hand(url, dest)}") from None
+    except (urllib.error.URLError, OSError, HTTPException) as error:
+        reason = getattr(error, "reason", error)
+        raise DownloadError(f"cannot reach {url} ({reason}); {_by_hand(url, dest)}") from None
+    with response:
+        if response.status != 206:  # the server ignored the Range header: start afresh
+            start = 0
+        total = _content_total(response.headers, start, response.status)
+        md5 = _goog_md5(response.headers)
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        try:
+            with open(part, "ab" if start else "wb") as f, Progress(*columns, disable=not progress) as bar:
+                task = bar.add_task(dest.name, total=total, completed=start)
+                while block := response.read(CHUNK):
+                    f.write(block)
+                    bar.advance(task, len(block))
+        except (OSError, HTTPException) as error:
+            raise DownloadError(f"download of {url} interrupted ({error!r}); run this again to resume from {part}") from None
+    _check(part, url, dest, total, md5, sha256, progress)
+    os.replace(part, dest)
+    return dest
+
+
+def extract(archive: str | Path, out: str | Path, progress: bool = True) -> list[Path]:
+    """Unpack a tar/tar.gz into ``out``; returns the top-level entries it created.
+
+    Runs once: a marker ``out/.<archive>.extracted`` records completion. The archive is unpacked
+    into ``out/.<archive>.partial/`` first (which a crash leaves behind, never half a data set).
+    """
+    archive, out = Path(archive), Path(out)
+    marker = out / f".{archive.name}.extracted"
+    if marker.exists():
+        return [out / name for name in marker.read_text().split("\n") if name]
+    staging = out / f".{archive.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with rich.progress.open(archive, "rb", description=f"unpacking {archive.name}", disable=not progress) as raw:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                tar.extractall(staging, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataFormatError(
+            f"{archive}: cannot unpack ({error}); if the archive is damaged, delete it and run this again"
+        ) from None
+    entries = sorted(staging.iterdir())
+    clash = next((out / e.name for e in entries if (out / e.name).exists()), None)
+    if clash is not None:
+        raise FileExistsError(f"{clash} already exists; move it away to unpack {archive} (unpacked copy in {staging})")
+    for entry in entries:
+        os.replace(entry, out / entry.name)
+    staging.rmdir()
+    marker.write_text("\n".join(e.name for e in entries) + "\n")
+    return [out / e.name for e in entries]
+
+
+def hub_split_tables(data_dir: Path, split: str, columns: list[str]):
+    """A local Hugging Face copy's ``split`` as [(source file or folder, pyarrow.Table)].
+
+    Accepts a ``save_to_disk`` DatasetDict (a folder holding ``dataset_dict.json``) or the hub's
+    parquet files (``plain_text/train-00000-of-00001.parquet`` or ``.../train/0000.parquet``) at
+    any depth under ``data_dir``; returns [] when neither holds the split.
+    """
+    saved = find_path(data_dir, "dataset_dict.json")
+    if saved is not None:
+        import datasets
+
+        dataset = datasets.load_from_disk(str(saved.parent))
+        if split in dataset:
+            return [(str(saved.parent), dataset[split].select_columns(columns).with_format("arrow")[:])]
+    files = [
+        p for p in sorted(data_dir.rglob("*.parquet"))
+        if HUB_CACHE not in p.parts and (p.name.startswith((f"{split}-", f"{split}.")) or p.parent.name == split)
+    ]
+    if len({p.parent for p in files}) > 1:
+        raise DataFormatError(
+            f"{data_dir}: parquet files of split '{split}' in several folders ({', '.join(map(str, files))}); keep one copy"
+        )
+    import pyarrow.parquet as pq
+
+    return [(str(p), pq.read_table(p, columns=columns)) for p in files]
+
+
+def fetch_hub(name: str, out: Path, keep_cache: bool = False) -> Path:
+    """``datasets.load_dataset(name)`` into ``out/hf_dataset`` (save_to_disk); returns that folder."""
+    target = out / "hf_dataset"
+    if (target / "dataset_dict.json").exists():
+        return target
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, cache_dir=str(out / HUB_CACHE))
+    except ConnectionError as error:
+        raise DownloadError(
+            f"cannot reach the Hugging Face hub for {name} ({error}); download its parquet files by hand from "
+            f"https://huggingface.co/datasets/{name}/tree/main and put them under {out}/ "
+            "(e.g. plain_text/train-00000-of-00001.parquet); training reads them from there"
+        ) from None
+    staging = out / ".hf_dataset.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    os.replace(staging, target)
+    if not keep_cache:
+        shutil.rmtree(out / HUB_CACHE, ignore_errors=True)
+    return target
+
+
+def import_tfds():
+    """tensorflow_datasets, imported only when ``source=tfds`` asks for it."""
+    try:
+        import tensorflow_datasets
+    except ImportError:
+        raise ImportError(
+            "task.source=tfds needs tensorflow-datasets: pip install -e '.[tfds]' (or use task.source=hf)"
+        ) from None
+    return tensorflow_datasets
+
+
+def tfds_pairs(data_dir: Path, name: str, split: str, task: str) -> list[tuple]:
+    """(input, label) numpy pairs of tfds ``name`` prepared under ``data_dir/tfds``; never downloads."""
+    tfds = import_tfds()
+    if not (data_dir / "tfds" / name).is_dir():
+        raise DataNotFoundError(
+            f"{task}: no tfds {name} under {data_dir / 'tfds'}. Fetch it with\n"
+            f"    python scripts/prepare_data.py {task} --source tfds --out {data_dir}"
+        )
+    dataset = tfds.load(name, split=split, data_dir=str(data_dir / "tfds"), download=False, as_supervised=True)
+    return list(tfds.as_numpy(dataset))
+
+
+def fetch_tfds(name: str, out: Path) -> Path:
+    """Download and prepare tfds ``name`` under ``out/tfds`` (what ``source=tfds`` reads)."""
+    tfds = import_tfds()
+    builder = tfds.builder(name, data_dir=str(out / "tfds"))
+    builder.download_and_prepare()
+    return out / "tfds" / name
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, out: str, hub_name: str) -> None:
+    """Options of ``prepare_data.py text|image``: where to put the data and which source to use."""
+    parser.add_argument("--out", default=out, help="the task's data_dir")
+    parser.add_argument("--source", choices=("hf", "tfds"), default="hf", help="Hugging Face hub (default) or tfds")
+    parser.add_argument("--hub-name", default=hub_name, help="Hugging Face data set id")
+    parser.add_argument("--keep-cache", action="store_true", help=f"keep the hub download cache (OUT/{HUB_CACHE})")
+
+
+def prepare_source(args: argparse.Namespace, tfds_name: str, task: str) -> int:
+    """Fetch a hub or tfds data set into ``args.out``; one line on stderr and 1 when offline."""
+    out = Path(args.out)
+    try:
+        where = fetch_tfds(tfds_name, out) if args.source == "tfds" else fetch_hub(args.hub_name, out, args.keep_cache)
+    except DownloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{task} data ready in {where}; train with task={task} task.data_dir={out} task.source={args.source}")
+    return 0
+
+
+def locate(root: str | Path, names, max_depth: int = 4) -> dict[str, Path]:
+    """The shallowest folder called each of ``names`` within ``max_depth`` levels below ``root``.
+
+    A matched folder is not entered, so the walk stays cheap next to Pathfinder's ~10^6 images.
+    """
+    found: dict[str, Path] = {}
+    root = Path(root)
+    level = [root] if root.is_dir() else []
+    for _ in range(max_depth):
+        deeper = []
+        for folder in level:
+            for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+                if child.name in names:
+                    found.setdefault(child.name, child)
+                elif not child.name.startswith("pathfinder"):
+                    deeper.append(child)
+        level = deeper
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="data/lra_release", help="folder to unpack into (any nesting is found)")
+    parser.add_argument("--url", default=LRA_URL)
+    parser.add_argument("--archive", default=None, help="where the .gz goes (default: OUT/lra_release.gz)")
+    parser.add_argument("--sha256", default=None, help="expected checksum (the server's MD5 is checked when sent)")
+    parser.add_argument("--delete-archive", action="store_true", help="delete the .gz once unpacked (frees ~8 GB)")
+
+
+def prepare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    archive = Path(args.archive) if args.archive else out / "lra_release.gz"
+    if "tsv_data" not in locate(out, ["tsv_data"]):
+        try:
+            download(args.url, archive, sha256=args.sha256)
+        except DownloadError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        extract(archive, out)
+        if args.delete_archive:
+            archive.unlink()
+    found = locate(out, RELEASE_FOLDERS.values())
+    if "tsv_data" not in found:
+        raise DataNotFoundError(f"{archive} unpacked into {out} holds no tsv_data/ folder; is it lra_release.gz?")
+    for task, folder in RELEASE_FOLDERS.items():
+        where = f"{found[folder]}  (task.data_dir={found[folder].parent})" if folder in found else "not found"
+        print(f"{task:16s} {where}")
+    return 0

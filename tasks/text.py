@@ -1,0 +1,123 @@
+"""Text (LRA): IMDb movie-review sentiment from raw bytes, 2 classes (Maas et al. 2011).
+
+Tokens are UTF-8 bytes: byte b becomes id b + 1, id 0 is padding (so vocab_size = 257, as LRA's
+``ByteTextEncoder``); each review is truncated/padded to ``max_length`` (4000 in the LRA paper,
+1000 in the released config). Shapes: M reviews, N = max_length; ``input_ids`` long (M, N),
+``mask`` bool (M, N), ``label`` long (M,) with 0 = negative, 1 = positive.
+
+Sources (``source``):
+- ``hf`` (default): a local copy of the Hugging Face data set ``stanfordnlp/imdb`` (columns
+  ``text``, ``label``) under ``data_dir``, either as written by ``prepare_data.py text`` (a
+  ``save_to_disk`` folder) or the hub's parquet files placed there by hand;
+- ``tfds``: tensorflow-datasets ``imdb_reviews`` prepared under ``data_dir/tfds`` (the loader the
+  LRA code used; needs the ``tfds`` extra).
+Splits: train = the 25,000 training reviews; LRA validates on the test set (IMDb has no
+validation split), so ``val_split: test`` is the default; ``val_split: 0.1`` instead holds out a
+fixed random 10% of train (permutation seeded with 0, the same for every run seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tasks.base import DataFormatError, DataNotFoundError, LRADataModule
+from tasks.download import add_source_arguments, hub_split_tables, prepare_source, tfds_pairs
+
+HUB_NAME = "stanfordnlp/imdb"
+TFDS_NAME = "imdb_reviews"
+SOURCES = ("hf", "tfds")
+VAL_SEED = 0
+
+
+def byte_ids(docs: Sequence[bytes], max_length: int) -> Tensor:
+    """UTF-8 byte strings -> ids (M, max_length) int16 with id = byte + 1, 0 = padding."""
+    ids = np.zeros((len(docs), max_length), dtype=np.int16)
+    for row, doc in enumerate(docs):
+        chunk = np.frombuffer(doc[:max_length], dtype=np.uint8)
+        ids[row, : len(chunk)] = chunk
+        ids[row, : len(chunk)] += 1
+    return torch.from_numpy(ids)
+
+
+def check_labels(labels: list, num_classes: int, source: str) -> Tensor:
+    bad = next((x for x in labels if not isinstance(x, (int, np.integer)) or not 0 <= x < num_classes), None)
+    if bad is not None:
+        raise DataFormatError(f"{source}: field 'label' holds {bad!r}, expected an integer 0..{num_classes - 1}")
+    return torch.tensor([int(x) for x in labels], dtype=torch.long)
+
+
+def validation_rows(n: int, fraction: float) -> tuple[Tensor, Tensor]:
+    """(train rows, val rows) of a fixed random split of n training rows."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
+    n_val = round(n * fraction)
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+class TextDataModule(LRADataModule):
+    name = "text"
+    num_classes = 2
+    vocab_size = 257
+
+    def __init__(self, data_dir: str, max_length: int = 4000, source: str = "hf", val_split: str | float = "test", **kw):
+        super().__init__(data_dir, max_length, **kw)
+        if source not in SOURCES:
+            raise ValueError(f"task.source={source!r} is not one of {SOURCES}")
+        if val_split != "test" and not (isinstance(val_split, float) and 0 < val_split < 1):
+            raise ValueError(f"task.val_split={val_split!r}: use 'test' (LRA) or a fraction of train in (0, 1)")
+        self.source = source
+        self.val_split = val_split
+
+    def cache_key(self) -> dict:
+        return {**super().cache_key(), "source": self.source, "val_split": self.val_split}
+
+    def load_split(self, split: str) -> dict[str, Tensor]:
+        if split == "val" and self.val_split == "test":  # one cache file and one tensor for both
+            if "test" not in self.splits:
+                self.splits["test"] = super().load_split("test")
+            return self.splits["test"]
+        return super().load_split(split)
+
+    def _read(self, split: str) -> tuple[list[bytes], Tensor]:
+        """Raw reviews (bytes) and labels of the source's ``split`` (train or test)."""
+        if self.source == "tfds":
+            pairs = tfds_pairs(self.data_dir, TFDS_NAME, split, self.name)
+            labels = check_labels([label for _, label in pairs], self.num_classes, f"tfds {TFDS_NAME}")
+            return [bytes(text) for text, _ in pairs], labels
+        tables = hub_split_tables(self.data_dir, split, ["text", "label"])
+        if not tables:
+            raise DataNotFoundError(
+                f"Text: no IMDb '{split}' split under {self.data_dir}. Download it with\n"
+                f"    python scripts/prepare_data.py text --out {self.data_dir}\n"
+                f"or put the parquet files of https://huggingface.co/datasets/{HUB_NAME} there."
+            )
+        texts, labels = [], []
+        for source, table in tables:
+            column = table.column("text").to_pylist()
+            if any(not isinstance(t, str) for t in column):
+                raise DataFormatError(f"{source}: field 'text' holds a non-string value; re-download the data set")
+            texts += [t.encode("utf-8") for t in column]
+            labels.append(check_labels(table.column("label").to_pylist(), self.num_classes, source))
+        return texts, torch.cat(labels)
+
+    def build_split(self, split: str) -> dict[str, Tensor]:
+        if split == "test" or (split == "val" and self.val_split == "test"):
+            texts, labels = self._read("test")
+        else:
+            texts, labels = self._read("train")
+            if self.val_split != "test":
+                rows = validation_rows(len(texts), self.val_split)[1 if split == "val" else 0]
+                texts, labels = [texts[i] for i in rows], labels[rows]
+        return {"input_ids": byte_ids(texts, self.max_length), "label": labels}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_source_arguments(parser, out="data/text", hub_name=HUB_NAME)
+
+
+def prepare(args: argparse.Namespace) -> int:
+    return prepare_source(args, TFDS_NAME, task="text")

@@ -1,0 +1,222 @@
+"""Clustered attention: Hamming K-means, exact limits, padding, determinism, training.
+
+Also home of helpers the iclustered and fastmax tests share: ``largest_tensor`` (no N x N
+tensor is ever built) and ``fit_briefly`` (a mechanism trains inside a model with Adam).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cast.attention import clustered as clustered_module
+from cast.attention.clustered import ClusteredAttention
+from cast.attention.hamming import hamming_kmeans, hash_codes
+from cast.attention.vanilla import VanillaAttention
+from tests.attention.reference import random_batch, softmax_attention
+
+
+def exact(module, x, mask):
+    q, k, v = module.project(x)
+    return module.output(softmax_attention(q, k, v, mask), mask)
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        sizes = [t.numel() for t in outs if isinstance(t, torch.Tensor)]
+        self.numel = max([self.numel, *sizes])
+        return out
+
+
+def largest_tensor(module, n=256) -> int:
+    """Elements of the largest tensor any op makes in a forward and backward pass at length n."""
+    x, mask = random_batch(b=1, n=n, d_model=module.d_model, valid=(n - 10,))
+    x.requires_grad_(True)
+    with _LargestTensor() as probe:
+        module.train()(x, mask).sum().backward()
+    return probe.numel
+
+
+def fit_briefly(build_attention, steps=50, n=40):
+    """Loss before and after a few Adam steps of a tiny classifier around ``build_attention()``."""
+    torch.manual_seed(0)
+    attention = build_attention()
+    d_model = attention.d_model
+    parts = dict(embed=nn.Embedding(10, d_model), attention=attention, head=nn.Linear(d_model, 2))
+    model = nn.ModuleDict(parts)
+    tokens = torch.randint(0, 10, (16, n))
+    mask = torch.arange(n)[None, :] < torch.randint(n // 2, n + 1, (16, 1))
+    labels = torch.randint(0, 2, (16,))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        h = model["embed"](tokens)
+        h = h + model["attention"](h, mask)
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        loss = nn.functional.cross_entropy(model["head"](pooled), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        for name, p in model["attention"].named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        optimiser.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def refuse_to_cluster(*args):
+    pytest.fail("a sequence short enough for the exact fallback went through the clustering")
+
+
+def make(seed=0, **options):
+    torch.manual_seed(seed)
+    return ClusteredAttention(32, 4, **options).eval()
+
+
+def test_assignment_is_the_nearest_centroid_in_hamming_distance():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 2, (2, 3, 40, 16), generator=g).float() * 2 - 1
+    mask = torch.arange(40)[None, :] < torch.tensor([[40], [23]])
+    assignment, centroids = hamming_kmeans(codes, mask, num_clusters=5, iterations=4)
+    hamming = (codes[:, :, :, None, :] != centroids[:, :, None, :, :]).sum(-1)
+    valid = mask[:, None, :].expand_as(assignment)
+    own = hamming.gather(-1, assignment.clamp(min=0)[..., None])[..., 0]
+    assert (own[valid] == hamming.min(-1).values[valid]).all()
+    assert (assignment[~valid] == -1).all(), "padded queries must join no cluster"
+    assert set(centroids.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_kmeans_recovers_well_separated_groups_even_from_a_bad_start():
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 8, generator=g) * 4
+    # Every fourth token in one group: the evenly spread initial centroids (tokens 0, 12, 24,
+    # 36) all start in group 0, so only re-seeding the empty clusters can find the others.
+    group = torch.arange(48) % 4
+    q = (centres[group] + 0.01 * torch.randn(48, 8, generator=g))[None, None]
+    mask = torch.ones(1, 48, dtype=torch.bool)
+    planes = torch.randn(9, 63, generator=g)
+    assignment, _ = hamming_kmeans(hash_codes(q, planes), mask, num_clusters=4, iterations=10)
+    same_cluster = assignment[0, 0, :, None] == assignment[0, 0, None, :]
+    assert torch.equal(same_cluster, group[:, None] == group[None, :])
+
+
+def test_padded_queries_never_move_the_clustering():
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 2, (2, 2, 30, 12), generator=g).float() * 2 - 1
+    mask = torch.arange(30)[None, :] < torch.tensor([[30], [2]])
+    noisy = codes.clone()
+    noisy[1, :, 2:] *= -1
+    first, centroids_first = hamming_kmeans(codes, mask, num_clusters=6, iterations=5)
+    second, centroids_second = hamming_kmeans(noisy, mask, num_clusters=6, iterations=5)
+    assert torch.equal(first, second) and torch.equal(centroids_first, centroids_second)
+
+
+def test_one_query_per_cluster_equals_exact_attention_through_the_clustering_path(monkeypatch):
+    calls = []
+    kmeans = clustered_module.hamming_kmeans
+    monkeypatch.setattr(clustered_module, "hamming_kmeans", lambda *a: calls.append(1) or kmeans(*a))
+    module = make(num_clusters=12)
+    x, mask = random_batch(n=24, d_model=32, valid=(10, 7))
+    torch.testing.assert_close(module(x, mask), exact(module, x, mask), rtol=1e-5, atol=1e-5)
+    assert calls, "length 24 > 12 clusters must take the clustering path, not the exact fallback"
+
+
+def test_fewer_valid_tokens_than_clusters():
+    module = make(num_clusters=8)
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 3))
+    y = module(x, mask)
+    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
+    torch.testing.assert_close(y[1], exact(module, x, mask)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_short_sequences_fall_back_to_exact_attention(monkeypatch):
+    monkeypatch.setattr(clustered_module, "hamming_kmeans", refuse_to_cluster)
+    module = make(num_clusters=8)
+    x, mask = random_batch(n=8, d_model=32, valid=(8, 5))
+    torch.testing.assert_close(module(x, mask), exact(module, x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_equals_a_slow_per_query_reference():
+    module = make(num_clusters=4)
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 19))
+    q, k, v = module.project(x)
+    assignment = module.cluster(q, mask)
+    expected = torch.zeros_like(q)
+    for b, h, i in torch.nonzero(mask[:, None, :].expand(q.shape[:3])).tolist():
+        members = (assignment[b, h] == assignment[b, h, i]) & mask[b]
+        centroid = q[b, h, members].mean(0)
+        scores = (k[b, h] @ centroid / math.sqrt(q.shape[-1])).masked_fill(~mask[b], float("-inf"))
+        expected[b, h, i] = torch.softmax(scores, 0) @ v[b, h]
+    assert assignment.unique().numel() > 2, "the test needs a real clustering"
+    torch.testing.assert_close(module(x, mask), module.output(expected, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_tokens_never_change_real_outputs_on_the_clustering_path():
+    module = make(num_clusters=4)
+    x, mask = random_batch(n=32, d_model=32, valid=(27, 9))
+    noisy = x.clone()
+    noisy[~mask] = torch.randn_like(noisy[~mask]) * 50
+    y = module(x, mask)
+    assert torch.equal(y[mask], module(noisy, mask)[mask])
+    assert (y[~mask] == 0).all()
+
+
+def test_eval_is_deterministic_and_training_draws_fresh_planes():
+    module = make(num_clusters=4)
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 20))
+    assert torch.equal(module(x, mask), module(x, mask))
+    twin = make(seed=5, num_clusters=4)
+    twin.load_state_dict(module.state_dict())
+    assert torch.equal(module(x, mask), twin(x, mask)), "same weights and hash_seed, same eval output"
+    q = module.project(x)[0]
+    module.train()
+    torch.manual_seed(0)
+    assert not torch.equal(module.cluster(q, mask), module.cluster(q, mask))
+
+
+def test_gradient_reaches_member_queries_but_not_through_the_clustering():
+    module = make(num_clusters=4)
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 12))
+    q, k, v = (t.detach().requires_grad_(True) for t in module.project(x))
+    assert not module.cluster(q, mask).requires_grad
+    module.attend(q, k, v, mask).sum().backward()
+    valid = mask[:, None, :].expand(q.shape[:3])
+    assert (q.grad[valid].abs().sum(-1) > 0).all(), "every member query moves its centroid"
+    assert (q.grad[~valid] == 0).all(), "padded queries belong to no centroid"
+
+
+def test_bf16_autocast_is_finite():
+    module = make(num_clusters=4).train()
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 1))
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x, mask)
+    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
+    y.float().pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_never_builds_an_n_by_n_tensor():
+    n = 256
+    assert largest_tensor(VanillaAttention(8, 2, impl="math"), n=n) >= n * n, "the probe must see N x N"
+    assert largest_tensor(ClusteredAttention(8, 2, num_clusters=8), n=n) < n * n
+
+
+def test_trains_with_adam():
+    first, last = fit_briefly(lambda: ClusteredAttention(32, 4, dropout=0.1, num_clusters=4))
+    assert last < 0.5 * first
+
+
+@pytest.mark.parametrize("field", ["num_clusters", "bits", "iterations"])
+def test_bad_options_are_refused_with_the_file_to_fix(field):
+    with pytest.raises(ValueError, match=rf"{field}=0.*configs/attention/clustered.yaml"):
+        ClusteredAttention(32, 4, **{field: 0})

@@ -1,0 +1,119 @@
+"""Improved clustered attention: exact when top-k covers the keys, per-slot masks, reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cast.attention import clustered as clustered_module
+from cast.attention.clustered import ClusteredAttention
+from cast.attention.iclustered import ImprovedClusteredAttention
+from tests.attention.reference import random_batch
+from tests.attention.test_clustered import exact, fit_briefly, largest_tensor, refuse_to_cluster
+
+
+def make(seed=0, **options):
+    torch.manual_seed(seed)
+    return ImprovedClusteredAttention(32, 4, **options).eval()
+
+
+def random_clustering(num_clusters, seed):
+    """A stand-in for module.cluster that ignores the queries: any clustering at all."""
+
+    def cluster(q, mask):
+        g = torch.Generator().manual_seed(seed)
+        assignment = torch.randint(0, num_clusters, q.shape[:3], generator=g)
+        return assignment.masked_fill(~mask[:, None, :], -1)
+
+    return cluster
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_covering_the_valid_keys_is_exact_for_any_clustering(seed):
+    # Length 24 > max(num_clusters, topk): the clustering path. Row 1 has 9 valid keys, so 7 of
+    # its 16 top slots hold padded keys, which their own slot masks must silence.
+    module = make(num_clusters=3, topk=16)
+    module.cluster = random_clustering(3, seed)
+    x, mask = random_batch(n=24, d_model=32, valid=(16, 9))
+    torch.testing.assert_close(module(x, mask), exact(module, x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_equals_a_slow_per_query_reference():
+    module = make(num_clusters=4, topk=5)
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 19))
+    q, k, v = module.project(x)
+    assignment = module.cluster(q, mask)
+    scale = 1 / math.sqrt(q.shape[-1])
+    expected = torch.zeros_like(q)
+    for b, h, i in torch.nonzero(mask[:, None, :].expand(q.shape[:3])).tolist():
+        members = (assignment[b, h] == assignment[b, h, i]) & mask[b]
+        centroid = q[b, h, members].mean(0)
+        weights = torch.softmax((k[b, h] @ centroid * scale).masked_fill(~mask[b], float("-inf")), 0)
+        top = weights.topk(5).indices
+        own = torch.softmax(k[b, h, top] @ q[b, h, i] * scale, 0)
+        weights_i = weights.clone()
+        weights_i[top] = weights[top].sum() * own
+        expected[b, h, i] = weights_i @ v[b, h]
+    assert assignment.unique().numel() > 2, "the test needs a real clustering"
+    torch.testing.assert_close(module(x, mask), module.output(expected, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_more_accurate_than_plain_clustering_with_the_same_clusters():
+    improved = make(num_clusters=4, topk=8)
+    plain = ClusteredAttention(32, 4, num_clusters=4).eval()
+    plain.load_state_dict(improved.state_dict())
+    x, mask = random_batch(n=48, d_model=32, valid=(48, 30))
+    reference = exact(improved, x, mask)
+    assert (improved(x, mask) - reference).norm() < (plain(x, mask) - reference).norm()
+
+
+def test_short_sequences_fall_back_to_exact_attention(monkeypatch):
+    monkeypatch.setattr(clustered_module, "hamming_kmeans", refuse_to_cluster)
+    module = make(num_clusters=4, topk=16)
+    x, mask = random_batch(n=16, d_model=32, valid=(16, 5))
+    torch.testing.assert_close(module(x, mask), exact(module, x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_tokens_never_change_real_outputs_on_the_clustering_path():
+    module = make(num_clusters=4, topk=12)
+    x, mask = random_batch(n=32, d_model=32, valid=(27, 9))
+    noisy = x.clone()
+    noisy[~mask] = torch.randn_like(noisy[~mask]) * 50
+    y = module(x, mask)
+    torch.testing.assert_close(y[mask], module(noisy, mask)[mask], rtol=1e-5, atol=1e-6)
+    assert (y[~mask] == 0).all()
+
+
+def test_eval_is_deterministic():
+    module = make(num_clusters=4, topk=6)
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 20))
+    assert torch.equal(module(x, mask), module(x, mask))
+
+
+def test_bf16_autocast_and_gradients_are_finite():
+    module = make(num_clusters=4, topk=6).train()
+    x, mask = random_batch(n=32, d_model=32, valid=(32, 1))
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x, mask)
+    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
+    y.float().pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+def test_never_builds_an_n_by_n_tensor():
+    n = 256
+    assert largest_tensor(ImprovedClusteredAttention(8, 2, num_clusters=8, topk=8), n=n) < n * n
+
+
+def test_trains_with_adam():
+    first, last = fit_briefly(lambda: ImprovedClusteredAttention(32, 4, dropout=0.1, num_clusters=4, topk=6))
+    assert last < 0.5 * first
+
+
+def test_bad_topk_is_refused_with_the_file_to_fix():
+    with pytest.raises(ValueError, match=r"topk=0.*configs/attention/iclustered.yaml"):
+        ImprovedClusteredAttention(32, 4, topk=0)

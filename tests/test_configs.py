@@ -1,0 +1,69 @@
+"""Configs never rot: every task and experiment composes, and the LRA presets match the protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from tests.conftest import CONFIGS, compose_train
+
+TASKS = sorted(p.stem for p in (CONFIGS / "task").glob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml"))
+
+# lra.md, "Protocol": layers, heads, emb, mlp, batch, lr, weight decay, pooling.
+PROTOCOL = {
+    "listops": (4, 8, 512, 1024, 32, 0.05, 0.1, "cls"),
+    "text": (4, 4, 256, 1024, 32, 0.05, 0.1, "cls"),
+    "retrieval": (4, 4, 128, 512, 32, 0.05, 0.1, "cls"),
+    "image": (1, 8, 128, 128, 256, 5e-4, 0.0, "cls"),
+    "pathfinder": (4, 4, 32, 32, 512, 1e-3, 0.0, "mean"),
+}
+
+
+def test_all_tasks_and_presets_are_there():
+    assert {"listops", "text", "retrieval", "image", "pathfinder", "pathx"} <= set(TASKS)
+    assert {f"lra/{t}" for t in PROTOCOL} | {"quickstart"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_config_composes_and_its_class_exists(task, tmp_path):
+    cfg = compose_train(tmp_path, [f"task={task}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    cls = get_class(cfg.task._target_)
+    assert cls.name in (task, "pathfinder")
+    assert isinstance(cfg.num_clusters, int) and cfg.num_clusters >= 1
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment, tmp_path):
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("task", sorted(PROTOCOL))
+def test_lra_presets_follow_the_protocol(task, tmp_path):
+    if not (CONFIGS / "experiment" / "lra" / f"{task}.yaml").exists():
+        pytest.fail(f"configs/experiment/lra/{task}.yaml is missing")
+    cfg = compose_train(tmp_path, [f"experiment=lra/{task}"])
+    layers, heads, emb, mlp, batch, lr, wd, pooling = PROTOCOL[task]
+    m = cfg.model
+    assert (m.n_layers, m.n_heads, m.d_model, m.mlp_dim, m.pooling) == (layers, heads, emb, mlp, pooling)
+    assert (cfg.task.batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (batch, lr, wd)
+    assert get_class(cfg.task._target_).name == task
+
+
+def test_cast_is_the_default_attention(tmp_path):
+    cfg = compose_train(tmp_path, [])
+    assert cfg.attention._target_.endswith("CASTAttention")
+
+
+def test_num_clusters_flows_from_task_to_cast_and_cli_wins(tmp_path):
+    if not Path(CONFIGS / "attention" / "cast.yaml").exists():
+        pytest.fail("configs/attention/cast.yaml is missing")
+    cfg = compose_train(tmp_path, ["task=listops", "attention=cast", "num_clusters=48"])
+    assert cfg.attention.num_clusters == 48
+    cfg = compose_train(tmp_path, ["attention=cast", "attention.num_clusters=7"])
+    assert cfg.attention.num_clusters == 7
