@@ -1,0 +1,381 @@
+"""Speed and memory of every attention mechanism against sequence length, as ratios to vanilla.
+
+    python scripts/bench.py --quick                      # 256..1K, attention layer, 1 repeat
+    python scripts/bench.py                              # 1K..16K, layer and Text model, 5 repeats
+    python scripts/bench.py --cast Nc=64,k=64 --variant performer:num_features=128
+    python scripts/bench.py --targets                    # only what CAST's targets need (CPU)
+    python scripts/bench.py --fidelity                   # output error against exact attention
+
+Measured: every configs/attention/*.yaml with its defaults, ``vanilla-math`` (impl=math, the N x N
+baseline of LRA-era ratios) and the --cast / --variant variants, as one attention layer (``layer``)
+or one training step of the LRA Text model (``model``). Timing runs in this process: per length
+all mechanisms are warmed up, then each repeat times them in turn, the order rotating, so a shared
+machine's drifts hit all alike; medians over repeats, ratios of medians to vanilla (fused) at the
+same length. Peak memory: cast/benchmark.py. A failure is recorded and the run goes on; a
+mechanism out of memory is skipped at longer lengths. Outputs in --out: bench.csv, bench.md (the
+LRA efficiency table's layout), bench_<mode>.png (log-log, fitted slopes); --fidelity writes
+fidelity.csv and fidelity.md instead.
+Shapes (layer mode): B batch (--batch), h heads (--heads), d head width (--head-dim), N length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from cast.benchmark import (CONFIG_DIR, MATH, ROOT, SKIPPED, VANILLA, Shape, Spec, build_step,  # noqa: E402
+                            cpu_peaks, cuda_peak_mb, discover, failure, fidelity_rows, parse_options, slope, time_ms)
+
+COLUMNS = ["mode", "device", "mechanism", "options", "label", "length", "batch", "time_ms",
+           "time_ratio_vs_vanilla", "speedup_vs_vanilla", "peak_mem_mb", "mem_ratio_vs_vanilla",
+           "mem_ratio_vs_math", "time_ms_min", "time_ms_max", "repeats", "iters", "status"]
+FIDELITY_COLUMNS = ["device", "mechanism", "options", "label", "length", "batch", "heads", "head_dim",
+                    "input_scale", "rel_error", "reference", "status"]
+FULL_LENGTHS = [1024, 2048, 4096, 8192, 16384]
+QUICK_LENGTHS = [256, 512, 1024]
+CAST_4K = Spec.make("cast", {"num_clusters": 64, "cluster_size": 64})
+CAST_16K = Spec.make("cast", {"num_clusters": 128, "cluster_size": 128})
+CAST_SLOPE = Spec.make("cast", {"num_clusters": 32, "cluster_size": 64})
+SLOPE_LENGTHS = [2048, 4096, 8192, 16384]
+
+
+def parse_list(text: str, kind=int) -> list:
+    """'1K,2K,4096' -> [1024, 2048, 4096] (K = 1024); '1,4' -> [1.0, 4.0] with kind=float."""
+    try:
+        return sorted({kind(float(t[:-1]) * 1024) if t[-1:] in "kK" else kind(t) for t in text.split(",") if t})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers such as 1K,2K,4096") from None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["layer", "model", "both"], help="default: both (--quick, --targets: layer)")
+    p.add_argument("--lengths", type=parse_list, help="default 1K,2K,4K,8K,16K (--quick: 256,512,1K)")
+    p.add_argument("--batch", type=int, default=4, help="batch size of both modes (default 4)")
+    p.add_argument("--heads", type=int, default=4, help="layer mode: heads (default 4)")
+    p.add_argument("--head-dim", type=int, default=32, help="layer mode: head width (default 32)")
+    p.add_argument("--repeats", type=int, help="timed rounds over all mechanisms (default 5, --quick 1)")
+    p.add_argument("--warmup", type=int, help="untimed steps per mechanism and length, besides one that "
+                   "sizes the repeats (default 2, --quick 1)")
+    p.add_argument("--min-time-ms", type=float, default=100.0, help="least time of one mechanism in one repeat")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available; --targets: cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --quick: 1)")
+    p.add_argument("--mechanisms", help="comma-separated labels to keep, e.g. vanilla-math,cast (vanilla is kept)")
+    p.add_argument("--cast", action="append", default=[], metavar="OPTS", help="a CAST variant, e.g. Nc=64,k=64")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:OPTS", help="e.g. reformer:n_hashes=1")
+    p.add_argument("--configs", type=Path, default=CONFIG_DIR, help="folder of attention YAMLs")
+    p.add_argument("--out", type=Path, help="output folder (default outputs/bench/<timestamp>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="256,512,1K, 1 repeat, layer mode, 1 thread")
+    p.add_argument("--targets", action="store_true", help="only the measurements CAST's targets need")
+    p.add_argument("--fidelity", action="store_true", help="output error against exact attention instead")
+    p.add_argument("--scales", type=lambda t: parse_list(t, float), default=[1.0, 4.0],
+                   help="--fidelity: input standard deviations (larger = sharper attention)")
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args.targets and args.mode not in (None, "layer"):
+        p.error("--targets measures the attention layer only; drop --mode")
+    args.mode = args.mode or ("layer" if args.quick or args.targets else "both")
+    args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.warmup = max(1, args.warmup if args.warmup is not None else 1 if args.quick else 2)
+    args.device = args.device or ("cpu" if args.targets or not torch.cuda.is_available() else "cuda")
+    # Threads of one op wait for each other; on a busy machine that costs more than they gain.
+    args.threads = args.threads or (1 if args.quick else None)
+    return args
+
+
+def chosen_specs(args) -> list[Spec]:
+    specs = discover(args.configs)
+    if args.mechanisms:
+        keep = set(args.mechanisms.split(",")) | {"vanilla"}
+        if unknown := keep - {s.label for s in specs}:
+            raise ValueError(f"--mechanisms: {sorted(unknown)} not in {args.configs}; "
+                             f"choose from {[s.label for s in specs]}")
+        specs = [s for s in specs if s.label in keep]
+    variants = [("cast", opts, "--cast") for opts in args.cast]
+    variants += [(*v.partition(":")[::2], "--variant") for v in args.variant]
+    for name, opts, flag in variants:
+        spec = Spec.make(name, parse_options(opts, flag))
+        specs += [spec] if spec not in specs else []
+    return specs
+
+
+def measurement_plan(args, specs: list[Spec]) -> dict[int, list[Spec]]:
+    """The mechanisms to measure at each length: all of them, or just what the targets need."""
+    if not args.targets:
+        return {n: specs for n in args.lengths}
+    return {n: [CAST_SLOPE] for n in SLOPE_LENGTHS} | {4096: [VANILLA, MATH, CAST_4K, CAST_SLOPE],
+                                                       16384: [VANILLA, CAST_16K, CAST_SLOPE]}
+
+
+def measure(args, plan: dict[int, list[Spec]]) -> list[dict]:
+    shape = Shape(args.batch, args.heads, args.head_dim)
+    rows = []
+    for mode in ["layer", "model"] if args.mode == "both" else [args.mode]:
+        memory = {}
+        if args.device == "cpu":
+            print(f"[{mode}] peak memory, in a subprocess", flush=True)
+            jobs = [(spec, n) for spec in dict.fromkeys(s for n in plan for s in plan[n])
+                    for n in sorted(plan) if spec in plan[n]]
+            memory = cpu_peaks(jobs, mode, shape, args.configs, args.seed, args.threads)
+        out_of_memory: set[Spec] = set()
+        for length in sorted(plan):
+            rows += measure_length(args, mode, length, plan[length], shape, memory, out_of_memory)
+    return rows
+
+
+def measure_length(args, mode, length, specs, shape, memory, out_of_memory) -> list[dict]:
+    """Build and warm up every mechanism at one length, then time them round-robin."""
+    device, rows, steps = args.device, {}, {}
+
+    def fail(spec, exc):
+        rows[spec]["status"] = failure(exc)
+        steps.pop(spec, None)
+        out_of_memory.update([spec] if rows[spec]["status"] == "oom" else [])
+
+    for spec in specs:
+        row = rows[spec] = dict(mode=mode, device=device, mechanism=spec.name, options=spec.options_str,
+                                label=spec.label, length=length, batch=args.batch, status="ok")
+        row.update(memory.get((spec, length), {}) if spec not in out_of_memory else {"status": SKIPPED})
+        if row["status"] != "ok":
+            out_of_memory.update([spec] if row["status"].startswith(("oom", "skipped")) else [])
+            continue
+        try:
+            steps[spec] = build_step(spec, mode, length, shape, device, args.configs, args.seed)
+            time_ms(steps[spec], args.warmup, device)
+            row["iters"] = max(1, min(100, math.ceil(args.min_time_ms / max(time_ms(steps[spec], 1, device), 1e-3))))
+            if device != "cpu":
+                row["peak_mem_mb"] = cuda_peak_mb(steps[spec], device)
+        except Exception as exc:
+            fail(spec, exc)
+    times, order = {spec: [] for spec in steps}, list(steps)
+    for repeat in range(args.repeats):
+        shift = repeat % max(1, len(order))
+        for spec in order[shift:] + order[:shift]:
+            if spec not in steps:
+                continue
+            try:
+                times[spec].append(time_ms(steps[spec], rows[spec]["iters"], device))
+            except Exception as exc:
+                fail(spec, exc)
+    for spec, ts in times.items():
+        if rows[spec]["status"] == "ok":
+            rows[spec].update(time_ms=statistics.median(ts), time_ms_min=min(ts), time_ms_max=max(ts), repeats=len(ts))
+    steps.clear()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    print(f"[{mode} {length}] " + ", ".join(f"{r['label']} " + (f"{r['time_ms']:.1f} ms" if "time_ms" in r
+                                                                else r["status"]) for r in rows.values()), flush=True)
+    return list(rows.values())
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Ratios against vanilla (fused) and vanilla-math of the same mode and length."""
+    index = {(r["mode"], r["length"], r["label"]): r for r in rows}
+    for r in rows:
+        vanilla = index.get((r["mode"], r["length"], VANILLA.label), {})
+        baseline = index.get((r["mode"], r["length"], MATH.label), {})
+        r["time_ratio_vs_vanilla"] = ratio(r.get("time_ms"), vanilla.get("time_ms"))
+        r["speedup_vs_vanilla"] = ratio(vanilla.get("time_ms"), r.get("time_ms"))
+        r["mem_ratio_vs_vanilla"] = ratio(r.get("peak_mem_mb"), vanilla.get("peak_mem_mb"))
+        r["mem_ratio_vs_math"] = ratio(r.get("peak_mem_mb"), baseline.get("peak_mem_mb"))
+
+
+def check_targets(rows: list[dict]) -> list[tuple[str, str]]:
+    """CAST's targets on the attention layer as (PASS | FAIL | MISSING, line)."""
+    layer = {(r["label"], r["length"]): r for r in rows if r["mode"] == "layer"}
+
+    def get(spec, n, key):
+        return layer.get((spec.label, n), {}).get(key)
+
+    times = [(n, get(CAST_SLOPE, n, "time_ms")) for n in SLOPE_LENGTHS]
+    checks = [
+        (f"{CAST_4K.label} at 4K: speed-up over fused vanilla", get(CAST_4K, 4096, "speedup_vs_vanilla"), ">=", 5),
+        (f"{CAST_4K.label} at 4K: peak memory / vanilla-math", get(CAST_4K, 4096, "mem_ratio_vs_math"), "<=", 0.10),
+        (f"{CAST_4K.label} at 4K: peak memory / fused vanilla", get(CAST_4K, 4096, "mem_ratio_vs_vanilla"), "<=", 1.5),
+        (f"{CAST_16K.label} at 16K: speed-up over fused vanilla", get(CAST_16K, 16384, "speedup_vs_vanilla"), ">=", 10),
+        (f"{CAST_SLOPE.label}: log-log slope of time over 2K-16K",
+         slope(times) if all(t for _, t in times) else None, "<=", 1.15),
+    ]
+    out = []
+    for text, value, op, limit in checks:
+        if value is None:
+            out.append(("MISSING", f"MISSING {text}: not measured (scripts/bench.py --targets measures it)"))
+            continue
+        verdict = "PASS" if (value >= limit if op == ">=" else value <= limit) else "FAIL"
+        out.append((verdict, f"{verdict} {text} = {value:.3g} (target {op} {limit})"))
+    return out
+
+
+def plot(rows: list[dict], mode: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in zip(axes, ("time_ms", "peak_mem_mb"), ("time per step (ms)", "peak memory (MB)")):
+        for label in dict.fromkeys(r["label"] for r in rows if r["mode"] == mode):
+            points = sorted((r["length"], r[key]) for r in rows
+                            if r["mode"] == mode and r["label"] == label and (r.get(key) or 0) > 0)
+            if points:
+                s = slope(points)
+                ax.plot(*zip(*points), marker="o", label=label if s is None else f"{label} (slope {s:.2f})")
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", title=title)
+        lengths = sorted({r["length"] for r in rows if r["mode"] == mode})
+        ax.set_xticks(lengths, [length_label(n) for n in lengths], minor=False)
+        ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{mode}: forward + backward on {rows[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def short_status(row: dict) -> str:
+    status = row["status"]
+    return "OOM" if status.startswith("oom") else "skipped" if status.startswith("skipped") else "error"
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def speed_cell(r: dict | None) -> str:
+    if r is None or r.get("time_ms") is None:
+        return short_status(r) if r else ""
+    if r["label"] == VANILLA.label:
+        return f"{r['time_ms']:.1f} ms"
+    return f"{r['speedup_vs_vanilla']:.2f}×" if r.get("speedup_vs_vanilla") else "–"
+
+
+def memory_cell(r: dict | None) -> str:
+    if r is None or r.get("peak_mem_mb") is None:
+        return short_status(r) if r else ""
+    peak, rel = r["peak_mem_mb"], r.get("mem_ratio_vs_vanilla")
+    text = f"{peak:,.0f}" if peak >= 10 else f"{peak:.2f}"
+    return text + (f" ({rel:.2f}×)" if rel is not None and r["label"] != VANILLA.label else "")
+
+
+def speed_table(rows: list[dict]) -> list[str]:
+    """LRA Table 2 layout: vanilla's step time, the others' speed-up; peak memory (ratio to vanilla)."""
+    lengths = sorted({r["length"] for r in rows})
+    cell = {(r["label"], r["length"]): r for r in rows}
+    head = (["mechanism"] + [f"speed {length_label(n)}" for n in lengths]
+            + [f"memory {length_label(n)} (MB)" for n in lengths])
+    body = [[label] + [speed_cell(cell.get((label, n))) for n in lengths]
+            + [memory_cell(cell.get((label, n))) for n in lengths] for label in dict.fromkeys(r["label"] for r in rows)]
+    return markdown_table(head, body)
+
+
+def header(title: str, args, elapsed: float) -> list[str]:
+    device = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+              else f"CPU, torch threads: {torch.get_num_threads()}")
+    lines = [f"# {title}", "", f"- device: {device}; torch {torch.__version__}; {datetime.now():%Y-%m-%d %H:%M}",
+             f"- command: `python scripts/bench.py {' '.join(args.argv)}`", f"- duration: {elapsed:.0f} s",
+             f"- layer: batch {args.batch}, {args.heads} heads of width {args.head_dim} (d_model {args.heads * args.head_dim})"]
+    if args.fidelity:
+        return lines + [""]
+    return lines + [f"- model: the LRA Text model, batch {args.batch}",
+                    f"- repeats: {args.repeats} (median); warm-up steps: {args.warmup}; at least "
+                    f"{args.min_time_ms:g} ms per mechanism and repeat", ""]
+
+
+def speed_markdown(rows, targets, args, elapsed) -> str:
+    lines = header("Attention benchmark: time and peak memory of one training step", args, elapsed)
+    titles = {"layer": "Attention layer (forward + backward)", "model": "LRA Text model (training step)"}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        lines += [f"## {titles[mode]}", "", "Speed: vanilla's time per step, the others' speed-up over it "
+                  "(higher is faster). Memory: peak MB during one step (its ratio to vanilla).", ""]
+        lines += speed_table([r for r in rows if r["mode"] == mode]) + ["", f"![{mode}](bench_{mode}.png)", ""]
+    if targets:
+        lines += ["## Targets (CAST, attention layer)", ""] + [f"- {line}" for _, line in targets] + [""]
+    failed = [f"- {r['mode']} {r['label']} at {r['length']}: {r['status']}" for r in rows if r["status"] != "ok"]
+    lines += ["## Not measured", ""] + failed if failed else []
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_markdown(rows, args, elapsed) -> str:
+    lines = header("Attention fidelity: ||y - y_exact|| / ||y_exact|| of one forward pass", args, elapsed)
+    lines += ["Each mechanism gets vanilla's q/k/v/out projections; its own extra parameters keep their seeded "
+              "initialisation (untrained). Inputs are N(0, scale²): a larger scale gives sharper attention.", ""]
+    columns = sorted({(r["input_scale"], r["length"]) for r in rows})
+    cell = {(r["label"], r["input_scale"], r["length"]): r for r in rows}
+    body = [[label] + [f"{c['rel_error']:.3g}" if "rel_error" in c else short_status(c) if c else ""
+                       for c in (cell.get((label, *col), {}) for col in columns)]
+            + [next((r["reference"] for r in rows if r["label"] == label and "reference" in r), "")]
+            for label in dict.fromkeys(r["label"] for r in rows)]
+    head = ["mechanism"] + [f"{length_label(n)}, scale {scale:g}" for scale, n in columns] + ["reference"]
+    failed = [f"- {r['label']} at {r['length']}: {r['status']}" for r in rows if r["status"] != "ok"]
+    return "\n".join(lines + markdown_table(head, body) + [""] + failed) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]
+                             for k in columns})
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.fidelity and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        print(f"bench: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete "
+              "for the CPU, so times will be noisy; --threads 1 and more --repeats help", flush=True)
+    try:
+        specs = chosen_specs(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or ROOT / "outputs" / "bench" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.fidelity:
+        rows = fidelity_rows([s for s in specs if s != VANILLA], args.lengths, args.scales,
+                             Shape(args.batch, args.heads, args.head_dim), args.device, args.configs, args.seed)
+        write_csv(out / "fidelity.csv", rows, FIDELITY_COLUMNS)
+        (out / "fidelity.md").write_text(fidelity_markdown(rows, args, time.perf_counter() - started))
+    else:
+        rows = measure(args, measurement_plan(args, specs))
+        add_ratios(rows)
+        write_csv(out / "bench.csv", rows, COLUMNS)
+        for mode in dict.fromkeys(r["mode"] for r in rows):
+            plot(rows, mode, out / f"bench_{mode}.png")
+        targets = [t for t in check_targets(rows) if args.targets or t[0] != "MISSING"]
+        for _, line in targets:
+            print(line)
+        (out / "bench.md").write_text(speed_markdown(rows, targets, args, time.perf_counter() - started))
+    print(f"bench: finished in {time.perf_counter() - started:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
