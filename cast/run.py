@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -92,8 +94,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     out_dir = Path(cfg.paths.output_dir)
     results: dict[str, Any] = {
-        "task": cfg.task._target_.rsplit(".", 1)[-1],
-        "attention": cfg.attention._target_.rsplit(".", 1)[-1],
+        "task": getattr(get_class(cfg.task._target_), "name", cfg.task._target_),
+        "attention": getattr(get_class(cfg.attention._target_), "name", cfg.attention._target_),
         "attention_options": attention_options(cfg),
         "seed": cfg.seed,
         "val_acc_best": None,
@@ -105,18 +107,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_mem_mb": None,
         "status": "running",
         "run_dir": str(out_dir),
-        "overrides": list(cfg.get("overrides") or []),
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
     is_zero = rank_zero_only.rank == 0  # DDP ranks share rank 0's run directory
     if is_zero:
         write_results(out_dir, results)
     start = time.time()
     trainer = None
+    # Mid-epoch resume is exact: the datamodule's state_dict records the position in the epoch
+    # and its sampler skips what was seen, which Lightning's loader check cannot know.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, lit = build(cfg)
         results["task"] = datamodule.name
-        results["attention"] = getattr(lit.model.attention_modules()[0], "name", results["attention"])
         results["params"] = sum(p.numel() for p in lit.parameters())
         datamodule.setup()
         results["test_majority_acc"] = _majority_rate(datamodule)
@@ -178,33 +182,44 @@ def _best_score(trainer: L.Trainer) -> float | None:
     return None if value is None else float(value)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Reload a run's own saved config and best checkpoint and test it again."""
-    run_dir = Path(cfg.run_dir)
+def load_run(run_dir: str | Path, data_root: str | None = None, ckpt_path: str | None = None):
+    """A finished run's saved config, datamodule, and LightningModule holding its best weights.
+
+    Returns (config, datamodule, module, checkpoint path); used by eval.py and scripts/visualize.py.
+    """
+    run_dir = Path(run_dir)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
         raise FileNotFoundError(f"run_dir={run_dir}: no .hydra/config.yaml; pass a run directory made by train.py")
     run_cfg = OmegaConf.load(saved)
-    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else _find_checkpoint(run_dir)
     OmegaConf.update(run_cfg, "paths.output_dir", str(run_dir), force_add=True)
-    if cfg.get("data_root"):
-        OmegaConf.update(run_cfg, "data_root", cfg.data_root, force_add=True)
+    if data_root:
+        OmegaConf.update(run_cfg, "data_root", data_root, force_add=True)
+    checkpoint = Path(ckpt_path) if ckpt_path else find_checkpoint(run_dir)
     L.seed_everything(run_cfg.seed, workers=True)
     datamodule, lit = build(run_cfg)
+    lit.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    return run_cfg, datamodule, lit.eval(), checkpoint
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Reload a run's own saved config and best checkpoint and test it again."""
+    run_dir = Path(cfg.run_dir)
+    run_cfg, datamodule, lit, ckpt = load_run(run_dir, cfg.get("data_root"), cfg.get("ckpt_path"))
     trainer = instantiate(
         run_cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False,
         default_root_dir=str(run_dir / "eval"),
     )
     split = cfg.get("split", "test")
     loop = trainer.test if split == "test" else trainer.validate
-    metrics = loop(lit, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)[0]
+    metrics = loop(lit, datamodule=datamodule, verbose=False)[0]
     prefix = "test" if split == "test" else "val"
     out = {"run_dir": str(run_dir), "checkpoint": str(ckpt), "split": split, "acc": metrics.get(f"{prefix}/acc")}
     (run_dir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
-def _find_checkpoint(run_dir: Path) -> Path:
+def find_checkpoint(run_dir: Path) -> Path:
     ckpts = run_dir / "checkpoints"
     for name in ("best.ckpt", "last.ckpt"):
         if (ckpts / name).exists():

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 
-def _has_credentials() -> bool:
+def has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = os.path.expanduser("~/.netrc")
@@ -27,7 +27,7 @@ def prepare_wandb_config(cfg: DictConfig) -> None:
     if wandb_cfg is None:
         return
     os.environ.setdefault("WANDB_SILENT", "true")
-    if not wandb_cfg.get("offline", True) and not _has_credentials():
+    if not wandb_cfg.get("offline", True) and not has_credentials():
         print(
             "W&B: online logging was asked for but no credentials were found (WANDB_API_KEY or "
             "`wandb login`); logging offline instead. Sync later with `wandb sync`.",

@@ -179,9 +179,9 @@ def log_wandb(args, lra: Table, clusters: Table | None, runs: list[Run], plot: P
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
-    from cast.wandb_utils import _has_credentials
+    from cast.wandb_utils import has_credentials
 
-    online = args.wandb_online and _has_credentials()
+    online = args.wandb_online and has_credentials()
     if args.wandb_online and not online:
         print("W&B: --wandb-online without credentials (WANDB_API_KEY or `wandb login`); logging offline.",
               file=sys.stderr)

@@ -28,7 +28,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -121,23 +120,6 @@ def draw_samples(ids: np.ndarray, labels: np.ndarray, side: int | None, title: s
     plt.close(fig)
 
 
-def load_trained(run_dir: Path, data_root: str | None):
-    """A run's datamodule, LightningModule with its best weights, and that checkpoint (eval.py's path)."""
-    from cast.run import _find_checkpoint, build
-
-    saved = run_dir / ".hydra" / "config.yaml"
-    if not saved.exists():
-        raise SystemExit(f"{run_dir}: no .hydra/config.yaml; pass a run directory made by train.py")
-    cfg = OmegaConf.load(saved)
-    OmegaConf.update(cfg, "paths.output_dir", str(run_dir), force_add=True)
-    if data_root:
-        OmegaConf.update(cfg, "data_root", data_root, force_add=True)
-    datamodule, lit = build(cfg)
-    checkpoint = _find_checkpoint(run_dir)
-    lit.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    return datamodule, lit.eval(), checkpoint
-
-
 def first_batch(datamodule, split: str, n: int) -> dict[str, torch.Tensor]:
     datamodule.setup()
     loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
@@ -158,7 +140,12 @@ def record(model, batch: dict[str, torch.Tensor], source: Path) -> list:
 
 
 def clusters(args) -> Path:
-    datamodule, lit, checkpoint = load_trained(args.run_dir, args.data_root)
+    from cast.run import load_run
+
+    try:
+        _, datamodule, lit, checkpoint = load_run(args.run_dir, args.data_root)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from error
     batch = first_batch(datamodule, args.split, args.sample + 1)
     layers = record(lit.model, batch, args.run_dir)
     if not -len(layers) <= args.layer < len(layers):

@@ -37,22 +37,22 @@ COMBINE_WITH = ("affinity", "query")
 LAPLACE_MU, LAPLACE_SIGMA = math.sqrt(0.5), math.sqrt(1.0 / (4 * math.pi))
 
 
-def _choice(option: str, value, allowed: tuple) -> str:
-    if value not in allowed:
-        raise ValueError(
-            f"cast attention: {option}={value!r} is not one of {allowed}; fix attention.{option} "
-            "in configs/attention/cast.yaml or on the command line"
-        )
+def _refuse(option: str, value, expected: str) -> ValueError:
+    return ValueError(
+        f"cast attention: {option}={value!r} {expected}; fix attention.{option} in "
+        "configs/attention/cast.yaml or on the command line"
+    )
+
+
+def _choice(option: str, value, allowed: tuple):
+    if isinstance(value, bool) != isinstance(allowed[0], bool) or value not in allowed:
+        raise _refuse(option, value, f"is not one of {allowed}")
     return value
 
 
-def _positive_int(option: str, value) -> int:
+def _positive_int(option: str, value, alternative: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"cast attention: {option}={value!r} must be a positive integer"
-            + (' or "auto"' if option == "cluster_size" else "")
-            + f"; fix attention.{option} in configs/attention/cast.yaml or on the command line"
-        )
+        raise _refuse(option, value, f"must be a positive integer{alternative}")
     return value
 
 
@@ -93,17 +93,14 @@ class CASTAttention(Attention):
     ):
         super().__init__(d_model, n_heads, dropout, **kw)
         self.num_clusters = _positive_int("num_clusters", num_clusters)
-        self.cluster_size = cluster_size if cluster_size == "auto" else _positive_int("cluster_size", cluster_size)
+        if cluster_size != "auto":
+            _positive_int("cluster_size", cluster_size, ' or "auto"')
+        self.cluster_size = cluster_size
         self.clustering = _choice("clustering", clustering, CLUSTERINGS)
         self.attn_fn = _choice("attn_fn", attn_fn, ATTN_FNS)
         self.summaries = _choice("summaries", summaries, SUMMARIES)
         self.combine_with = _choice("combine_with", combine_with, COMBINE_WITH)
-        if not isinstance(shared_heads, bool):
-            raise ValueError(
-                f"cast attention: shared_heads={shared_heads!r} must be true or false; fix "
-                "attention.shared_heads in configs/attention/cast.yaml or on the command line"
-            )
-        self.shared_heads = shared_heads
+        self.shared_heads = _choice("shared_heads", shared_heads, (False, True))
         shape = (num_clusters, self.qkv_dim) if shared_heads else (n_heads, num_clusters, self.d_head)
         self.surrogates = nn.Parameter(torch.randn(shape))
         self.gate = nn.Linear(d_model, 1 if shared_heads else n_heads)
@@ -121,9 +118,8 @@ class CASTAttention(Attention):
         b, n, _ = x.shape
         q, k, v = self.project(x)
         gates = torch.sigmoid(self.gate(x)).transpose(1, 2)  # (B, h', N)
-        mix = torch.lerp(k, q, gates.unsqueeze(-1))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.combine_with == "affinity"):
-            gated = self.affinity(mix)
+            gated = self.affinity(torch.lerp(k, q, gates.unsqueeze(-1)))
         with torch.no_grad():
             # In place and outside autograd: a masked copy of this (B, h', Nc, N) tensor would be
             # the largest allocation. Padded columns receive no gradient anyway (their outputs are

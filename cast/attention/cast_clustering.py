@@ -57,7 +57,8 @@ def sa_topk_clusters(scores: Tensor, mask: Tensor, size: int) -> Clusters:
         proposes = active & (best > float("-inf"))
         cluster = torch.where(proposes, cluster, nc)
         # Group proposers by cluster, best score first: two stable sorts, no loop over clusters.
-        by_score = torch.where(proposes, best, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+        proposal = torch.where(proposes, best, float("-inf"))
+        by_score = proposal.argsort(dim=-1, descending=True, stable=True)
         order = by_score.gather(-1, cluster.gather(-1, by_score).argsort(dim=-1, stable=True))
         sorted_cluster = cluster.gather(-1, order)
         rank = tokens - torch.searchsorted(sorted_cluster, sorted_cluster)

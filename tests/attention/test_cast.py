@@ -52,7 +52,7 @@ def holey_batch(b=2, n=24, seed=0):
 @pytest.mark.parametrize("option,bad", [
     ("num_clusters", 0), ("num_clusters", 2.5), ("cluster_size", "big"), ("cluster_size", 0),
     ("clustering", "kmeans"), ("attn_fn", "relu"), ("summaries", "some"), ("combine_with", "key"),
-    ("shared_heads", "yes"),
+    ("shared_heads", "yes"), ("shared_heads", 1),
 ])
 def test_bad_options_are_refused_by_name(option, bad):
     with pytest.raises(ValueError, match=f"{option}=.*cast.yaml"):
@@ -102,8 +102,9 @@ def test_padding_comes_out_zero_and_never_reaches_real_tokens(mode):
     assert (noisy.grad[~mask] == 0).all(), "padded tokens must not receive gradient"
 
 
-@pytest.mark.parametrize("mode", [{}, {"clustering": "sa_topk"}, {"shared_heads": True, "summaries": "all"}],
-                         ids=mode_id)
+@pytest.mark.parametrize(
+    "mode", [{}, {"clustering": "sa_topk"}, {"shared_heads": True, "summaries": "all"}], ids=mode_id
+)
 def test_permuting_the_sequence_permutes_the_output(mode):
     module = make(**mode)
     x, mask = holey_batch(seed=1)
@@ -181,15 +182,17 @@ def test_vectorised_combination_equals_the_per_token_loop(style, shared, with_su
     logits, summaries, intra, clusters = combination_inputs(style, shared)
     summaries = summaries if with_summaries else None
     expected = loop_combine(logits, summaries, intra, *clusters)
-    torch.testing.assert_close(combine(logits, summaries, intra, clusters), expected, rtol=1e-5, atol=1e-6)
+    got = combine(logits, summaries, intra, clusters)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("style", ["topk", "sa_topk"])
 def test_combination_backward_matches_finite_differences(style, shared):
-    *tensors, clusters = combination_inputs(style, shared, b=1, h=2, nc=3, k=2, n=7, d=2, dtype=torch.double)
-    logits, summaries, intra = (t.requires_grad_(True) for t in tensors)
-    assert torch.autograd.gradcheck(lambda a, r, i: combine(a, r, i, clusters), (logits, summaries, intra))
+    *tensors, clusters = combination_inputs(style, shared, b=1, h=2, nc=3, k=2, n=7, d=2,
+                                            dtype=torch.double)
+    tensors = tuple(t.requires_grad_(True) for t in tensors)
+    assert torch.autograd.gradcheck(lambda a, r, i: combine(a, r, i, clusters), tensors)
 
 
 def test_token_rows_address_both_layouts():

@@ -43,7 +43,9 @@ def test_topk_never_marks_padding_valid_when_short_of_real_tokens():
     assert (clusters.valid.sum(-1) == mask.sum(-1, keepdim=True).clamp(max=8)).all()
 
 
-@pytest.mark.parametrize("nc,size,n,pad", [(4, 5, 20, 0.0), (4, 5, 20, 0.4), (3, 8, 20, 0.2), (5, 4, 20, 0.0)])
+@pytest.mark.parametrize("nc,size,n,pad", [
+    (4, 5, 20, 0.0), (4, 5, 20, 0.4), (3, 8, 20, 0.2), (5, 4, 20, 0.0),
+])
 def test_sa_topk_places_every_real_token_exactly_once(nc, size, n, pad):
     scores, mask = scores_and_mask(g=4, nc=nc, n=n, pad=pad, seed=nc + size)
     assert nc * size >= n

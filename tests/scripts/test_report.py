@@ -16,7 +16,7 @@ from PIL import Image
 
 from cast.results import write_results
 from tests.conftest import ROOT, TINY
-from tests.wandb_records import records, tables
+from tests.wandb_records import tables, wait_for_exit
 from tests.wandb_records import summary as wandb_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -168,7 +168,7 @@ def test_wandb_leaderboard_is_written_offline(sweep, tmp_path):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     wandb_file = next(runs[0].glob("run-*.wandb"))
-    (header,) = [r.run for r in records(wandb_file) if r.WhichOneof("record_type") == "run"]
+    (header,) = [r.run for r in wait_for_exit(wandb_file) if r.WhichOneof("record_type") == "run"]
     assert header.project == "lra-test" and header.job_type == "report"
     logged = {t["key"]: t for t in tables(wandb_file)}
     assert set(logged) == {"leaderboard"}  # no cast runs here, so no cluster table or plot

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cast.run import train
+from cast.run import load_run, train
 from tests.conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -88,7 +88,7 @@ def trained(tiny_cfg, tmp_path, attention: str) -> Path:
 @pytest.mark.slow
 def test_clusters_of_a_trained_cast_run(tiny_cfg, tmp_path):
     run_dir = trained(tiny_cfg, tmp_path, "cast")
-    datamodule, lit, checkpoint = visualize.load_trained(run_dir, None)
+    _, datamodule, lit, checkpoint = load_run(run_dir)
     assert checkpoint.name == "best.ckpt"
     batch = visualize.first_batch(datamodule, "test", 2)
     layers = visualize.record(lit.model, batch, run_dir)
