@@ -95,6 +95,28 @@ def check_inputs(x: Tensor, mask: Tensor) -> None:
         raise TypeError(f"attention mask must be bool (True on real tokens), got {mask.dtype}")
 
 
+def option_error(mechanism: str, field: str, value, expected: str) -> ValueError:
+    """A bad option value, naming the config file and the field to fix."""
+    return ValueError(
+        f"{mechanism} attention: {field}={value!r} must be {expected}; set attention.{field} in "
+        f"configs/attention/{mechanism}.yaml or on the command line"
+    )
+
+
+def require_positive(mechanism: str, **options: int) -> None:
+    """Refuse any option that is not a positive integer."""
+    for field, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise option_error(mechanism, field, value, "a positive integer")
+
+
+def require_choice(mechanism: str, field: str, value, choices: tuple):
+    """Refuse a value outside ``choices``; returns the value."""
+    if value not in choices:
+        raise option_error(mechanism, field, value, f"one of {choices}")
+    return value
+
+
 def key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Additive bias (B, 1, 1, N): 0 on real keys, the dtype's most negative value on padding.
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import Attention, key_padding_bias
+from cast.attention.base import Attention, key_padding_bias, require_positive
 from cast.attention.hamming import hamming_kmeans, hash_codes, memberships
 
 
@@ -103,13 +103,3 @@ def per_query(t: Tensor, assignment: Tensor) -> Tensor:
     """
     index = assignment.clamp(min=0).unsqueeze(-1).expand(*assignment.shape, t.shape[-1])
     return t.gather(2, index)
-
-
-def require_positive(mechanism: str, **options: int) -> None:
-    """Refuse a non-positive option, naming the config file and field to fix."""
-    for field, value in options.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"{mechanism} attention: {field}={value!r} must be a positive integer; set "
-                f"attention.{field} in configs/attention/{mechanism}.yaml or on the command line"
-            )

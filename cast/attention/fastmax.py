@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import Attention
+from cast.attention.base import Attention, require_choice
 
 ORDERS = (1, 2)
 # Smallest largest-norm and denominator: keeps a degenerate head (all tokens equal, or p = 1
@@ -46,12 +46,7 @@ class FastmaxAttention(Attention):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, p: int = 2, **kw):
         super().__init__(d_model, n_heads, dropout, **kw)
-        if p not in ORDERS:
-            raise ValueError(
-                f"fastmax attention: p={p!r} must be one of {ORDERS}; set attention.p in "
-                "configs/attention/fastmax.yaml or on the command line"
-            )
-        self.p = p
+        self.p = require_choice(self.name, "p", p, ORDERS)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         real = mask[:, None, :, None].to(q.dtype)

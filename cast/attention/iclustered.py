@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.clustered import ClusteredAttention, per_query, require_positive
+from cast.attention.base import require_positive
+from cast.attention.clustered import ClusteredAttention, per_query
 
 
 class ImprovedClusteredAttention(ClusteredAttention):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import Attention
+from cast.attention.base import Attention, option_error, require_positive
 
 # Added to every real feature (FAVOR+'s numerical stabiliser); the largest feature is 1.
 STABILISER = 1e-6
@@ -66,17 +66,10 @@ class PerformerAttention(Attention):
         **kw,
     ):
         super().__init__(d_model, n_heads, dropout, **kw)
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"performer attention: num_features={num_features!r} must be a positive integer; "
-                "set attention.num_features in configs/attention/performer.yaml or on the command line"
-            )
+        require_positive(self.name, num_features=num_features)
         if redraw_interval is not None and (not isinstance(redraw_interval, int) or redraw_interval < 0):
-            raise ValueError(
-                f"performer attention: redraw_interval={redraw_interval!r} must be a non-negative "
-                "integer (0 or null: never redraw); set attention.redraw_interval in "
-                "configs/attention/performer.yaml or on the command line"
-            )
+            raise option_error(self.name, "redraw_interval", redraw_interval,
+                               "a non-negative integer (0 or null: never redraw)")
         self.num_features = num_features
         self.redraw_interval = redraw_interval or 0
         self.register_buffer("features", orthogonal_gaussian(num_features, self.d_head))

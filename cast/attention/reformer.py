@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import Attention
+from cast.attention.base import Attention, require_positive
 
 # Score of a query with itself: far below any real score, far above padding's.
 SELF_SCORE = -5e4
@@ -71,12 +71,7 @@ class ReformerAttention(Attention):
         **kw,
     ):
         super().__init__(d_model, n_heads, dropout, shared_qk=True, **kw)
-        for option, value in (("bucket_size", bucket_size), ("n_hashes", n_hashes)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"reformer attention: {option}={value!r} must be a positive integer; set "
-                    f"attention.{option} in configs/attention/reformer.yaml or on the command line"
-                )
+        require_positive(self.name, bucket_size=bucket_size, n_hashes=n_hashes)
         self.bucket_size, self.n_hashes, self.hash_seed = bucket_size, n_hashes, hash_seed
 
     def bucket_count(self, length: int) -> int:

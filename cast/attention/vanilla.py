@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import Attention, key_padding_bias
+from cast.attention.base import Attention, key_padding_bias, require_choice
 
 IMPLS = ("fused", "math")
 
@@ -24,9 +24,7 @@ class VanillaAttention(Attention):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, impl: str = "fused", **kw):
         super().__init__(d_model, n_heads, dropout, **kw)
-        if impl not in IMPLS:
-            raise ValueError(f"vanilla attention: impl={impl!r} is not one of {IMPLS}")
-        self.impl = impl
+        self.impl = require_choice(self.name, "impl", impl, IMPLS)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0

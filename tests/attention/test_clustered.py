@@ -10,67 +10,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
 from cast.attention.hamming import hamming_kmeans, hash_codes
 from cast.attention.vanilla import VanillaAttention
-from tests.attention.reference import random_batch, softmax_attention
-
-
-def exact(module, x, mask):
-    q, k, v = module.project(x)
-    return module.output(softmax_attention(q, k, v, mask), mask)
-
-
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        sizes = [t.numel() for t in outs if isinstance(t, torch.Tensor)]
-        self.numel = max([self.numel, *sizes])
-        return out
-
-
-def largest_tensor(module, n=256) -> int:
-    """Elements of the largest tensor any op makes in a forward and backward pass at length n."""
-    x, mask = random_batch(b=1, n=n, d_model=module.d_model, valid=(n - 10,))
-    x.requires_grad_(True)
-    with _LargestTensor() as probe:
-        module.train()(x, mask).sum().backward()
-    return probe.numel
-
-
-def fit_briefly(build_attention, steps=50, n=40):
-    """Loss before and after a few Adam steps of a tiny classifier around ``build_attention()``."""
-    torch.manual_seed(0)
-    attention = build_attention()
-    d_model = attention.d_model
-    parts = dict(embed=nn.Embedding(10, d_model), attention=attention, head=nn.Linear(d_model, 2))
-    model = nn.ModuleDict(parts)
-    tokens = torch.randint(0, 10, (16, n))
-    mask = torch.arange(n)[None, :] < torch.randint(n // 2, n + 1, (16, 1))
-    labels = torch.randint(0, 2, (16,))
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        h = model["embed"](tokens)
-        h = h + model["attention"](h, mask)
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        loss = nn.functional.cross_entropy(model["head"](pooled), labels)
-        optimiser.zero_grad()
-        loss.backward()
-        for name, p in model["attention"].named_parameters():
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        optimiser.step()
-        losses.append(loss.item())
-    return losses[0], losses[-1]
+from tests.attention.reference import exact, fit_briefly, largest_tensor, random_batch, softmax_attention
 
 
 def refuse_to_cluster(*args):

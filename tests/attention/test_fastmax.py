@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from cast.attention.fastmax import FastmaxAttention, normalise
-from tests.attention.reference import random_batch
-from tests.attention.test_clustered import fit_briefly, largest_tensor
+from tests.attention.reference import fit_briefly, largest_tensor, random_batch
 
 
 def polynomial_attention(q, k, v, mask, p):

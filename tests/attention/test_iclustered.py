@@ -10,8 +10,8 @@ import torch
 from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
 from cast.attention.iclustered import ImprovedClusteredAttention
-from tests.attention.reference import random_batch
-from tests.attention.test_clustered import exact, fit_briefly, largest_tensor, refuse_to_cluster
+from tests.attention.reference import exact, fit_briefly, largest_tensor, random_batch
+from tests.attention.test_clustered import refuse_to_cluster
 
 
 def make(seed=0, **options):

@@ -7,11 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cast.attention.reformer import SELF_SCORE, ReformerAttention
-from tests.attention.reference import random_batch
+from tests.attention.reference import fit_briefly, largest_tensor, random_batch
 
 
 def module_and_heads(n, valid, seed=0, **options):
@@ -117,29 +115,13 @@ def test_bucket_count_follows_length_and_stays_even():
     assert [module.bucket_count(8 * chunks) for chunks in (1, 2, 3, 4, 7)] == [1, 2, 4, 4, 8]
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any operation produces."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        sizes = [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        self.largest = max([self.largest, *sizes])
-        return out
-
-
-def largest_tensor(n: int) -> int:
+def largest_tensor_at(n: int) -> int:
     torch.manual_seed(0)
-    module = ReformerAttention(16, 1).eval()
-    x, mask = random_batch(b=1, n=n, d_model=16, valid=(n - 3,))
-    with torch.no_grad(), LargestTensor() as probe:
-        module(x, mask)
-    return probe.largest
+    return largest_tensor(ReformerAttention(16, 1), n, backward=False)
 
 
 def test_no_n_by_n_tensor_at_default_settings():
-    shorter, longer = largest_tensor(1024), largest_tensor(2048)
+    shorter, longer = largest_tensor_at(1024), largest_tensor_at(2048)
     assert longer <= 2048 * 2048 // 4
     # Linear, not quadratic, in length: doubling N doubles the largest tensor.
     assert longer <= 2.2 * shorter
@@ -167,20 +149,8 @@ def test_bf16_autocast_is_finite():
 
 
 def test_trains_with_adam():
-    torch.manual_seed(0)
-    module = ReformerAttention(32, 4, bucket_size=4, n_hashes=2, dropout=0.1).train()
-    x, mask = random_batch(n=16, d_model=32, valid=(16, 11))
-    target = torch.randn_like(x) * mask.unsqueeze(-1)
-    optimiser = torch.optim.Adam(module.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = (module(x, mask) - target).pow(2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
-        optimiser.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    first, last = fit_briefly(lambda: ReformerAttention(32, 4, bucket_size=4, n_hashes=2, dropout=0.1), steps=30)
+    assert last < 0.8 * first
 
 
 @pytest.mark.parametrize("option", [{"bucket_size": 0}, {"n_hashes": 0}, {"n_hashes": 1.5}])
