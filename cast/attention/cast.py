@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cast.attention.base import Attention, check_inputs
+from cast.attention.base import (
+    Attention, check_inputs, option_error, require_choice, require_positive,
+)
 from cast.attention.cast_clustering import Clusters, sa_topk_clusters, topk_clusters
 
 CLUSTERINGS = ("topk", "sa_topk")
@@ -35,25 +37,6 @@ SUMMARIES = ("members", "all", "none")
 COMBINE_WITH = ("affinity", "query")
 # Laplace attention function of Mega (Ma et al., 2022): mean and width of its Gaussian CDF.
 LAPLACE_MU, LAPLACE_SIGMA = math.sqrt(0.5), math.sqrt(1.0 / (4 * math.pi))
-
-
-def _refuse(option: str, value, expected: str) -> ValueError:
-    return ValueError(
-        f"cast attention: {option}={value!r} {expected}; fix attention.{option} in "
-        "configs/attention/cast.yaml or on the command line"
-    )
-
-
-def _choice(option: str, value, allowed: tuple):
-    if isinstance(value, bool) != isinstance(allowed[0], bool) or value not in allowed:
-        raise _refuse(option, value, f"is not one of {allowed}")
-    return value
-
-
-def _positive_int(option: str, value, alternative: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _refuse(option, value, f"must be a positive integer{alternative}")
-    return value
 
 
 class CASTAttention(Attention):
@@ -92,15 +75,18 @@ class CASTAttention(Attention):
         **kw,
     ):
         super().__init__(d_model, n_heads, dropout, **kw)
-        self.num_clusters = _positive_int("num_clusters", num_clusters)
-        if cluster_size != "auto":
-            _positive_int("cluster_size", cluster_size, ' or "auto"')
-        self.cluster_size = cluster_size
-        self.clustering = _choice("clustering", clustering, CLUSTERINGS)
-        self.attn_fn = _choice("attn_fn", attn_fn, ATTN_FNS)
-        self.summaries = _choice("summaries", summaries, SUMMARIES)
-        self.combine_with = _choice("combine_with", combine_with, COMBINE_WITH)
-        self.shared_heads = _choice("shared_heads", shared_heads, (False, True))
+        require_positive(self.name, num_clusters=num_clusters)
+        positive = type(cluster_size) is int and cluster_size > 0
+        if cluster_size != "auto" and not positive:
+            raise option_error(self.name, "cluster_size", cluster_size, 'a positive integer or "auto"')
+        if not isinstance(shared_heads, bool):
+            raise option_error(self.name, "shared_heads", shared_heads, "true or false")
+        self.num_clusters, self.cluster_size = num_clusters, cluster_size
+        self.shared_heads = shared_heads
+        self.clustering = require_choice(self.name, "clustering", clustering, CLUSTERINGS)
+        self.attn_fn = require_choice(self.name, "attn_fn", attn_fn, ATTN_FNS)
+        self.summaries = require_choice(self.name, "summaries", summaries, SUMMARIES)
+        self.combine_with = require_choice(self.name, "combine_with", combine_with, COMBINE_WITH)
         shape = (num_clusters, self.qkv_dim) if shared_heads else (n_heads, num_clusters, self.d_head)
         self.surrogates = nn.Parameter(torch.randn(shape))
         self.gate = nn.Linear(d_model, 1 if shared_heads else n_heads)

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from cast.attention.cast import CASTAttention, combine, token_rows
 from cast.attention.cast_clustering import Clusters
-from tests.attention.reference import random_batch, softmax_attention
+from tests.attention.reference import LargestTensor, random_batch, softmax_attention
 
 D_MODEL, HEADS = 32, 4
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "attention" / "cast.yaml"
@@ -225,21 +223,6 @@ def test_single_real_token_with_single_assignment_leaves_clusters_empty_without_
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
 
 
-class LargestTensor(TorchDispatchMode):
-    """Largest tensor any aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("clustering", ["topk", "sa_topk"])
 def test_memory_at_4096_tokens_stays_far_below_one_n_by_n_tensor(clustering):
     n = 4096
@@ -273,7 +256,7 @@ def test_compiles_as_one_graph_and_matches_eager():
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     ys = [compiled(xs[0], mask), module(xs[1], mask)]
-    for y, xi in zip(ys, xs):
+    for y in ys:
         y.square().sum().backward()
     torch.testing.assert_close(ys[0], ys[1])
     torch.testing.assert_close(xs[0].grad, xs[1].grad)
