@@ -75,7 +75,8 @@ class Attention(nn.Module):
     def output(self, y: Tensor, mask: Tensor) -> Tensor:
         """Merge heads of ``y`` (B, h, N, d), project, and zero the padded positions."""
         out = self.out_proj(self.merge_heads(y))
-        return out * mask.unsqueeze(-1).to(out.dtype)
+        # In place: the projection's backward does not read its output, so no second copy is kept.
+        return out.mul_(mask.unsqueeze(-1).to(out.dtype))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Subclasses define ``attend(q, k, v, mask) -> (B, h, N, d)`` or override this."""

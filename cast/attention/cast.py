@@ -101,27 +101,36 @@ class CASTAttention(Attention):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         check_inputs(x, mask)
-        b, n, _ = x.shape
         q, k, v = self.project(x)
         gates = torch.sigmoid(self.gate(x)).transpose(1, 2)  # (B, h', N)
+        logits, clusters = self.cluster(q, k, gates, mask)
+        if self.record:
+            self.remember(clusters, gates, x.shape[0])
+        index = clusters.index.expand(x.shape[0], self.n_heads, *clusters.index.shape[2:])
+        clusters = Clusters(index, clusters.valid.expand_as(index))
+        qc, kc, vc = (gather_tokens(t, index) for t in (q, k, v))
+        summaries = self.summarise(k, v, kc, vc, mask, clusters)
+        # Only the gathered copies are read from here on; dropping q, k, v (and below the
+        # (B, h', Nc, N) logits) lowers the peak memory of the pass by as much as they hold.
+        del q, k, v
+        mixed = combine(logits, summaries, self.attend_clusters(qc, kc, vc, clusters.valid), clusters)
+        del logits
+        return self.output(mixed, mask)
+
+    def cluster(self, q: Tensor, k: Tensor, gates: Tensor, mask: Tensor) -> tuple[Tensor, Clusters]:
+        """Combination logits (B, h', Nc, N) and the clusters, both from the gated affinity
+        (with ``combine_with: query`` the logits are the query affinity)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.combine_with == "affinity"):
-            gated = self.affinity(torch.lerp(k, q, gates.unsqueeze(-1)))
+            # k + g·(q − k) keeps only q − k for the backward pass; lerp would keep q and k.
+            gated = self.affinity(torch.addcmul(k, q - k, gates.unsqueeze(-1)))
         with torch.no_grad():
             # In place and outside autograd: a masked copy of this (B, h', Nc, N) tensor would be
             # the largest allocation. Padded columns receive no gradient anyway (their outputs are
             # zeroed and they are never valid members).
             gated.masked_fill_(~mask[:, None, None, :], torch.finfo(gated.dtype).min)
         cluster_fn = topk_clusters if self.clustering == "topk" else sa_topk_clusters
-        clusters = cluster_fn(gated, mask.unsqueeze(1), self.size_for(n))
-        if self.record:
-            self.remember(clusters, gates, b)
-        index = clusters.index.expand(b, self.n_heads, *clusters.index.shape[2:])
-        valid = clusters.valid.expand_as(index)
-        qc, kc, vc = (gather_tokens(t, index) for t in (q, k, v))
-        intra = self.attend_clusters(qc, kc, vc, valid)
-        summaries = self.summarise(k, v, kc, vc, mask, clusters)
-        logits = gated if self.combine_with == "affinity" else self.affinity(q)
-        return self.output(combine(logits, summaries, intra, Clusters(index, valid)), mask)
+        clusters = cluster_fn(gated, mask.unsqueeze(1), self.size_for(q.shape[2]))
+        return (gated if self.combine_with == "affinity" else self.affinity(q)), clusters
 
     def scaled_surrogates(self) -> Tensor:
         """S / sqrt(width) as (h, Nc, d): scaling the few surrogates is cheaper than N·Nc scores."""
@@ -147,8 +156,8 @@ class CASTAttention(Attention):
     def attend_clusters(self, qc: Tensor, kc: Tensor, vc: Tensor, valid: Tensor) -> Tensor:
         """Attention inside each cluster over its valid slots: (B, h, Nc, κ, d) -> same shape.
 
-        A cluster without a real token yields zeros; outputs at other invalid slots are finite and
-        left for combine() to drop.
+        Outputs at invalid slots, a cluster without a real token included, are finite and left for
+        combine() to drop (its member weights are zero there).
         """
         p = self.dropout if self.training else 0.0
         b, h, nc, k, d = qc.shape
@@ -158,13 +167,13 @@ class CASTAttention(Attention):
             w = F.dropout(w * valid.unsqueeze(-2).to(w.dtype), p, self.training)
             return w @ vc
         # SDPA returns NaN for a query with no key, so an empty cluster attends over its padding
-        # slots and is zeroed afterwards.
-        filled = valid.any(dim=-1, keepdim=True)
+        # slots: finite values that combine() never reads.
+        empty = ~valid.any(dim=-1, keepdim=True)
         out = F.scaled_dot_product_attention(
             qc.reshape(b * h, nc, k, d), kc.reshape(b * h, nc, k, d), vc.reshape(b * h, nc, k, d),
-            attn_mask=(valid | ~filled).reshape(b * h, nc, 1, k), dropout_p=p,
+            attn_mask=(valid | empty).reshape(b * h, nc, 1, k), dropout_p=p,
         )
-        return out.view(b, h, nc, k, d) * filled.unsqueeze(-1).to(out.dtype)
+        return out.view(b, h, nc, k, d)
 
     def summarise(self, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, mask: Tensor,
                   clusters: Clusters) -> Tensor | None:
@@ -207,6 +216,13 @@ def gather_tokens(t: Tensor, index: Tensor) -> Tensor:
     return flat.index_select(0, token_rows(index, n, True).reshape(-1)).view(*index.shape, d)
 
 
+def softmax_over_clusters(logits: Tensor) -> Tensor:
+    """softmax(logits, dim=-2) in contiguous passes: torch's softmax over a strided dimension is
+    several times slower on the CPU."""
+    weights = logits - logits.amax(dim=-2, keepdim=True)
+    return weights.exp_().div_(weights.sum(dim=-2, keepdim=True))
+
+
 def combine(logits: Tensor, summaries: Tensor | None, intra: Tensor, clusters: Clusters) -> Tensor:
     """O_i = Σ_c W[i, c] · (intra_c(i) if i is a member of c else R_c), with W = softmax over
     clusters of ``logits`` (B, h', Nc, N); summaries (B, h, Nc, d) or None (R = 0); intra
@@ -219,10 +235,10 @@ def combine(logits: Tensor, summaries: Tensor | None, intra: Tensor, clusters: C
 class _Combine(torch.autograd.Function):
     """W R plus a scatter-add of W[i, c]·(intra_c(i) − R_c) over members, by hand in both passes.
 
-    Autograd would allocate three more dense (B, h', Nc, N) tensors in the backward pass (a zero
-    buffer for the member weights' gradient, its sum with W R's, the softmax temporary). Here the
-    only one is d out / d W: the member share is added in place, and the softmax backward needs
-    Σ_c W·g per token, which is (W R)_i · g_i plus a sum over the members, an O(N·d) term.
+    Autograd would keep W R for the backward pass and allocate three more dense (B, h', Nc, N)
+    tensors there (a zero buffer for the member weights' gradient, its sum with W R's, the softmax
+    temporary). Here the only one is g = d out / d W: the member share is added to it in place,
+    and the softmax backward turns it into d out / d logits in place too.
     """
 
     @staticmethod
@@ -231,37 +247,33 @@ class _Combine(torch.autograd.Function):
         n = logits.shape[-1]
         ctx.dtypes = logits.dtype, summaries.dtype
         with torch.autocast(logits.device.type, enabled=False):
-            weights = torch.softmax(logits, dim=-2).to(intra.dtype)
+            weights = softmax_over_clusters(logits.to(intra.dtype))
             summaries = summaries.to(intra.dtype)
             member_weights = weights.expand(b, h, nc, n).gather(-1, index) * valid
-            dense = weights.transpose(-1, -2) @ summaries
             rows = token_rows(index, n, False).reshape(-1)
             contrib = member_weights.unsqueeze(-1) * (intra - summaries.unsqueeze(-2))
-            out = dense.view(-1, d).index_add(0, rows, contrib.view(-1, d)).view(b, h, n, d)
-        ctx.save_for_backward(weights, summaries, intra, index, valid, member_weights, rows, dense)
-        return out
+            out = (weights.transpose(-1, -2) @ summaries).reshape(-1, d).index_add_(0, rows, contrib.view(-1, d))
+        ctx.save_for_backward(weights, summaries, intra, index, valid, member_weights, rows)
+        return out.view(b, h, n, d)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, summaries, intra, index, valid, member_weights, rows, dense = ctx.saved_tensors
+        weights, summaries, intra, index, valid, member_weights, rows = ctx.saved_tensors
         b, h, nc, k, d = intra.shape
-        n = weights.shape[-1]
         grad_out = grad_out.to(intra.dtype).contiguous()
         grad_members = grad_out.view(-1, d).index_select(0, rows).view(b, h, nc, k, d)
-        grad_intra = member_weights.unsqueeze(-1) * grad_members
+        # Σ_d g·(intra − R) without an (intra − R) temporary: the R part is one small matmul.
+        grad_member_weights = ((grad_members * intra).sum(-1)
+                               - (grad_members @ summaries.unsqueeze(-1)).squeeze(-1)) * valid
+        grad_intra = grad_members.mul_(member_weights.unsqueeze(-1))
         grad_summaries = weights @ grad_out - grad_intra.sum(dim=-2)
-        grad_member_weights = (grad_members * (intra - summaries.unsqueeze(-2))).sum(-1) * valid
-        dot = (dense * grad_out).sum(-1)  # (B, h, N)
         if weights.shape[1] < h:  # shared heads: one W and one index for all heads
             grad_weights = torch.einsum("bhcd,bhnd->bcn", summaries, grad_out).unsqueeze(1)
-            grad_member_weights = grad_member_weights.sum(1, keepdim=True)
-            index, member_weights, dot = index[:, :1], member_weights[:, :1], dot.sum(1, keepdim=True)
+            grad_member_weights, index = grad_member_weights.sum(1, keepdim=True), index[:, :1]
         else:
             grad_weights = summaries @ grad_out.transpose(-1, -2)
-        grad_weights.scatter_add_(-1, index, grad_member_weights)
-        member_rows = token_rows(index, n, False).reshape(-1)
-        dot.view(-1).index_add_(0, member_rows, (member_weights * grad_member_weights).view(-1))
-        # Softmax backward over clusters, in place: W ⊙ (g − Σ_c W g).
-        grad_logits = grad_weights.sub_(dot.unsqueeze(-2)).mul_(weights)
+        # Softmax backward over clusters, in place in g: W ⊙ g − W ⊙ Σ_c (W ⊙ g).
+        grad_logits = grad_weights.scatter_add_(-1, index, grad_member_weights).mul_(weights)
+        grad_logits.addcmul_(weights, grad_logits.sum(dim=-2, keepdim=True), value=-1)
         logits_dtype, summaries_dtype = ctx.dtypes
         return grad_logits.to(logits_dtype), grad_summaries.to(summaries_dtype), grad_intra, None, None

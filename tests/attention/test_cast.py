@@ -203,13 +203,19 @@ def test_token_rows_address_both_layouts():
 
 
 @pytest.mark.parametrize("attn_fn", ["softmax", "laplace"])
-def test_a_cluster_without_real_tokens_yields_zeros_not_nan(attn_fn):
+def test_a_cluster_without_real_tokens_is_finite_and_never_read(attn_fn):
     module = make(attn_fn=attn_fn)
     qc, kc, vc = (torch.randn(1, 2, 3, 4, 8) for _ in range(3))
     valid = torch.tensor([[True, False, True, False], [False] * 4, [True] * 4]).expand(1, 2, 3, 4)
     out = module.attend_clusters(qc, kc, vc, valid)
-    assert torch.isfinite(out).all()
-    assert (out[:, :, 1] == 0).all() and (out[:, :, 2] != 0).any()
+    assert torch.isfinite(out).all() and (out[:, :, 2] != 0).any()
+    # What the invalid slots hold, the empty cluster's among them, never reaches the output.
+    logits, summaries = torch.randn(1, 2, 3, 9), torch.randn(1, 2, 3, 8)
+    clusters = Clusters(torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 0, 2, 4]]).expand(1, 2, 3, 4), valid)
+    garbage = out.masked_fill(~valid.unsqueeze(-1), 1e6)
+    zeros = out.masked_fill(~valid.unsqueeze(-1), 0.0)
+    torch.testing.assert_close(combine(logits, summaries, garbage, clusters),
+                               combine(logits, summaries, zeros, clusters))
 
 
 def test_single_real_token_with_single_assignment_leaves_clusters_empty_without_nan():
