@@ -14,7 +14,11 @@ it (parameters, inputs, optimizer state), measured after one warm-up step:
 - CPU: the process's resident set. glibc's malloc_trim first hands freed heap pages back to the
   OS (so reused pages are counted again), writing 5 to /proc/self/clear_refs resets the peak
   (VmHWM, Linux >= 4.0), and the peak after the step minus the resident set before it is the
-  answer. The measurements run in a subprocess (``python -m cast.benchmark``, one per mode, a
+  answer. The worker runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB: every tensor
+  larger than that gets pages of its own that return to the OS when it is freed, so the resident
+  set follows the live tensors (by default the threshold grows with the largest block freed, and
+  heap fragmentation then added tens of MB that differed between runs of the same step). The
+  measurements run in a subprocess (``python -m cast.benchmark``, one per mode, a
   fresh one after a crash) whose address space is capped near the memory available at its
   start: running out of memory becomes an error reported as ``oom`` rather than a visit from the
   OOM killer, and the benchmark's own process never holds a mechanism's peak. Where the peak
@@ -58,6 +62,7 @@ SHORT = {"num_clusters": "Nc", "cluster_size": "k"}
 RESULT = "BENCH-RESULT "
 CLEAR_REFS = Path("/proc/self/clear_refs")
 SKIPPED = "skipped: out of memory at a shorter length"
+MMAP_THRESHOLD = str(128 * 1024)  # bytes; the workers' MALLOC_MMAP_THRESHOLD_ (module docstring)
 
 
 @dataclass(frozen=True)
@@ -254,7 +259,7 @@ def cpu_peaks(jobs: list[tuple[Spec, int]], mode: str, shape: Shape, config_dir:
         # stderr goes to a file: a pipe nobody reads while stdout is read line by line can fill and stall the worker.
         with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
                 [sys.executable, "-m", "cast.benchmark", json.dumps(payload)], stdout=subprocess.PIPE, stderr=err,
-                text=True, cwd=ROOT) as proc:
+                text=True, cwd=ROOT, env={"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, **os.environ}) as proc:
             for line in proc.stdout:
                 if line.startswith(RESULT):
                     result = json.loads(line[len(RESULT):])
