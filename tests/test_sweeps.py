@@ -135,6 +135,7 @@ def test_ddp_run_writes_one_run_directory(listops_dir, tmp_path):
     assert json.loads((run_dirs[0] / "results.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_ddp_inside_a_multirun_writes_one_sweep_directory(listops_dir, tmp_path):
     """Rank 1 replays the sweep in step with rank 0; the pinned sweep dir keeps it in rank 0's."""
     try:
