@@ -1,10 +1,11 @@
 """ListOps generator, following the procedure of the LRA release (lra_benchmarks/data/listops.py).
 
-A node above the maximum depth becomes an operator with probability 0.25, otherwise a digit
-0-9; an operator (MIN, MAX, MED = integer part of the median, SM = sum mod 10) takes 2..max_args
-arguments, drawn uniformly. Length counts an operator twice (``[MAX`` and ``]``) and a digit
-once; parentheses are not counted. Trees with ``min_length < length < max_length`` are kept,
-duplicates dropped, and the rest split into train/val/test in generation order.
+A node below the maximum depth becomes an operator with probability 0.25, otherwise a digit 0-9
+(a node at the maximum depth is always a digit); an operator (MIN, MAX, MED = integer part of
+the median, SM = sum mod 10) takes 2..max_args arguments, drawn uniformly. Length counts an
+operator twice (``[MAX`` and ``]``) and a digit once; parentheses are not counted. Trees with
+``min_length < length < max_length`` are kept, duplicates dropped, and the rest split into
+train/val/test in generation order.
 
 The output reproduces the release layout: ``OUT/listops-1000/basic_{train,val,test}.tsv`` with
 header ``Source<TAB>Target`` and expressions written with the release's parentheses, e.g.
