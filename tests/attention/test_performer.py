@@ -1,11 +1,12 @@
 """Performer (FAVOR+): converges to exact softmax attention as features grow, redraws on
-schedule, ignores padding, stays finite under bf16 autocast and trains."""
+schedule, ignores padding, never builds an N x N tensor, stays finite under bf16 autocast and
+trains."""
 
 import pytest
 import torch
 
 from cast.attention.performer import PerformerAttention, orthogonal_gaussian
-from tests.attention.reference import fit_briefly, random_batch, softmax_attention
+from tests.attention.reference import fit_briefly, largest_tensor, random_batch, softmax_attention
 
 VALID = (24, 17)
 
@@ -124,6 +125,19 @@ def test_padding_never_reaches_real_outputs():
     # The same real tokens without any padding give the same outputs.
     short = module(x[1:, :9], mask[1:, :9])
     torch.testing.assert_close(y[1, :9], short[0], rtol=1e-5, atol=1e-6)
+
+
+def largest_tensor_at(n: int) -> int:
+    torch.manual_seed(0)
+    return largest_tensor(PerformerAttention(16, 1), n)
+
+
+def test_no_n_by_n_tensor_at_default_settings():
+    shorter, longer = largest_tensor_at(1024), largest_tensor_at(2048)
+    # Forward and backward at the default 256 features: nothing exceeds one head's N x m features.
+    assert longer <= 2048 * 256 < 2048 * 2048
+    # Linear, not quadratic, in length: doubling N doubles the largest tensor.
+    assert longer <= 2.2 * shorter
 
 
 def test_bf16_autocast_is_finite_and_close():
