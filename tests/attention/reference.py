@@ -58,6 +58,18 @@ def largest_tensor(module, n: int = 256, backward: bool = True) -> int:
     return probe.numel
 
 
+def assert_bf16_finite(module, n: int, valid: tuple[int, ...]) -> None:
+    """Under bf16 autocast the output is finite with zeros at padding, and every gradient is finite."""
+    x, mask = random_batch(n=n, d_model=module.d_model, valid=valid)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x, mask)
+    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
+    y.float().pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
 def fit_briefly(build_attention, steps: int = 50, n: int = 40) -> tuple[float, float]:
     """Loss before and after a few Adam steps of a tiny classifier around ``build_attention()``.
 

@@ -15,7 +15,7 @@ from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
 from cast.attention.hamming import hamming_kmeans, hash_codes
 from cast.attention.vanilla import VanillaAttention
-from tests.attention.reference import exact, fit_briefly, largest_tensor, random_batch, softmax_attention
+from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch, softmax_attention
 
 
 def refuse_to_cluster(*args):
@@ -140,14 +140,7 @@ def test_gradient_reaches_member_queries_but_not_through_the_clustering():
 
 
 def test_bf16_autocast_is_finite():
-    module = make(num_clusters=4).train()
-    x, mask = random_batch(n=32, d_model=32, valid=(32, 1))
-    x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = module(x, mask)
-    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
-    y.float().pow(2).sum().backward()
-    assert torch.isfinite(x.grad).all()
+    assert_bf16_finite(make(num_clusters=4).train(), n=32, valid=(32, 1))
 
 
 def test_never_builds_an_n_by_n_tensor():

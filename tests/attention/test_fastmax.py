@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cast.attention.fastmax import FastmaxAttention, normalise
-from tests.attention.reference import fit_briefly, largest_tensor, random_batch
+from tests.attention.reference import assert_bf16_finite, fit_briefly, largest_tensor, random_batch
 
 
 def polynomial_attention(q, k, v, mask, p):
@@ -68,15 +68,7 @@ def test_dropout_drops_key_columns_and_keeps_the_output_unbiased():
 @pytest.mark.parametrize("p", [1, 2])
 def test_single_real_token_bf16_autocast_and_gradients_are_finite(p):
     torch.manual_seed(0)
-    module = FastmaxAttention(32, 4, dropout=0.1, p=p).train()
-    x, mask = random_batch(n=16, d_model=32, valid=(16, 1))
-    x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = module(x, mask)
-    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
-    y.float().pow(2).sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+    assert_bf16_finite(FastmaxAttention(32, 4, dropout=0.1, p=p).train(), n=16, valid=(16, 1))
 
 
 @pytest.mark.parametrize("p", [1, 2])

@@ -10,7 +10,7 @@ import torch
 from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
 from cast.attention.iclustered import ImprovedClusteredAttention
-from tests.attention.reference import exact, fit_briefly, largest_tensor, random_batch
+from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
 from tests.attention.test_clustered import refuse_to_cluster
 
 
@@ -93,15 +93,7 @@ def test_eval_is_deterministic():
 
 
 def test_bf16_autocast_and_gradients_are_finite():
-    module = make(num_clusters=4, topk=6).train()
-    x, mask = random_batch(n=32, d_model=32, valid=(32, 1))
-    x.requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = module(x, mask)
-    assert torch.isfinite(y).all() and (y[~mask] == 0).all()
-    y.float().pow(2).sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert all(torch.isfinite(p.grad).all() for p in module.parameters())
+    assert_bf16_finite(make(num_clusters=4, topk=6).train(), n=32, valid=(32, 1))
 
 
 def test_never_builds_an_n_by_n_tensor():
