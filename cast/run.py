@@ -202,14 +202,23 @@ def load_run(run_dir: str | Path, data_root: str | None = None, ckpt_path: str |
     return run_cfg, datamodule, lit.eval(), checkpoint
 
 
+def eval_trainer(trainer_cfg: DictConfig, root: Path) -> L.Trainer:
+    """The run's trainer settings (accelerator, precision, limits) on one device in one process.
+
+    A run trained with trainer=ddp would otherwise relaunch on every device, and Lightning's
+    distributed sampler pads val/test to a multiple of the world size, counting some samples twice.
+    """
+    return instantiate(
+        trainer_cfg, devices=1, num_nodes=1, strategy="auto", use_distributed_sampler=False,
+        logger=False, callbacks=[], enable_progress_bar=False, default_root_dir=str(root),
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Reload a run's own saved config and best checkpoint and test it again."""
     run_dir = Path(cfg.run_dir)
     run_cfg, datamodule, lit, ckpt = load_run(run_dir, cfg.get("data_root"), cfg.get("ckpt_path"))
-    trainer = instantiate(
-        run_cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False,
-        default_root_dir=str(run_dir / "eval"),
-    )
+    trainer = eval_trainer(run_cfg.trainer, run_dir / "eval")
     split = cfg.get("split", "test")
     loop = trainer.test if split == "test" else trainer.validate
     metrics = loop(lit, datamodule=datamodule, verbose=False)[0]
