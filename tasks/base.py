@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 SPLITS = ("train", "val", "test")
 
@@ -58,30 +59,37 @@ def _identity(batch):
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that is a pure function of (seed, epoch), able to start part-way into an epoch.
+class EpochShuffleSampler(DistributedSampler):
+    """A shuffle that is a pure function of (seed, epoch), sharded over ranks, able to resume.
 
-    Lightning calls ``set_epoch`` each epoch. A run resumed mid-epoch passes ``resume=(epoch,
-    samples_done)``: that epoch's permutation is recomputed and its first samples skipped, so the
-    resumed run sees exactly the batches an uninterrupted run would have seen.
+    Each epoch one permutation of the n rows is padded (repeating its start, as
+    DistributedSampler does) to a multiple of the world size, and rank r takes positions r, r +
+    world, r + 2·world, ... Lightning calls ``set_epoch`` each epoch, and leaves a
+    DistributedSampler in place instead of wrapping it in its own.
+
+    A run resumed mid-epoch passes ``resume=(epoch, samples_done)``, samples_done counting all
+    ranks: that epoch's permutation is recomputed and each rank skips its first samples_done /
+    world samples, which are exactly the first samples_done of the permutation (with another world
+    size than before too, up to rounding). ``len()`` stays the full shard length in that epoch, since Lightning
+    counts the batches done before the interruption towards the same epoch.
     """
 
-    def __init__(self, n: int, seed: int, resume: tuple[int, int] = (0, 0)):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, resume: tuple[int, int] = (0, 0), num_replicas: int = 1, rank: int = 0):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.n = n
         self.epoch, self.resume = resume[0], resume
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
+        order = (order * math.ceil(self.total_size / max(self.n, 1)))[: self.total_size]
+        shard = order[self.rank : self.total_size : self.num_replicas]
         if self.resume[0] == self.epoch and self.resume[1]:
-            order, self.resume = order[self.resume[1] :], (0, 0)
-        return iter(order)
+            shard, self.resume = shard[self.resume[1] // self.num_replicas :], (0, 0)
+        return iter(shard)
 
 
 def compact_dtype(vocab_size: int) -> torch.dtype:
@@ -206,7 +214,7 @@ class LRADataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-        return {"epoch": trainer.current_epoch, "samples_done": done * self.batch_size}
+        return {"epoch": trainer.current_epoch, "samples_done": done * self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state:
@@ -216,10 +224,15 @@ class LRADataModule(L.LightningDataModule):
         if split not in self.splits:
             self.setup()
         dataset = TensorDictDataset(self.splits[split], self.batch_transform)
+        sampler = None
+        if shuffle:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = EpochShuffleSampler(len(dataset), self.seed, self._resume, num_replicas=world, rank=rank)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed, self._resume) if shuffle else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=_identity,
             persistent_workers=self.num_workers > 0,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from cast.results import REQUIRED, read_results
 from cast.run import evaluate, train
-from tests.conftest import compose_train
+from tests.conftest import ROOT, TINY, compose_train
 from tests.wandb_records import summary as wandb_summary
 
 pytestmark = pytest.mark.slow
@@ -85,6 +87,35 @@ def test_resume_after_a_crash_continues_at_the_same_step(tiny_cfg, tmp_path, mon
     assert step == 20
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], msg=f"{key} differs after resume")
+
+
+def test_ddp_resume_after_a_crash_continues_at_the_same_step(listops_dir, tmp_path):
+    """Two CPU ranks (gloo), 5 batches per rank and epoch: a crash at step 13 is mid-epoch."""
+    common = [*TINY, f"task.data_dir={listops_dir}", "attention=vanilla", "model.dropout=0.0",
+              "+trainer.strategy=ddp", "trainer.devices=2", "trainer.max_steps=20", "trainer.val_check_interval=10",
+              "callbacks.last.every_n_train_steps=1000"]
+    crash = ["+callbacks.crash._target_=tests.test_train.Crash", "+callbacks.crash.at_step=13"]
+
+    def train_py(run_dir, *extra):
+        try:
+            return subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra, f"hydra.run.dir={run_dir}"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.skip("a 2-process CPU DDP run took over 120 s on this machine")
+
+    done = train_py(tmp_path / "straight")
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = tmp_path / "crashed"
+    done = train_py(crashed, *crash)
+    assert done.returncode != 0 and "simulated crash" in done.stderr
+    assert _weights(crashed)[0] == 13
+    done = train_py(crashed, "ckpt_path=last")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_results(crashed)["steps"] == 20
+    (step, resumed), (_, straight) = _weights(crashed), _weights(tmp_path / "straight")
+    assert step == 20
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], msg=f"{key} differs after a DDP resume")
 
 
 def test_two_identical_cpu_runs_are_identical(tiny_cfg, tmp_path):
