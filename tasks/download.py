@@ -173,20 +173,13 @@ def extract(archive: str | Path, out: str | Path, progress: bool = True) -> list
     return [out / e.name for e in entries]
 
 
-def hub_split_tables(data_dir: Path, split: str, columns: list[str]):
-    """A local Hugging Face copy's ``split`` as [(source file or folder, pyarrow.Table)].
-
-    Accepts a ``save_to_disk`` DatasetDict (a folder holding ``dataset_dict.json``) or the hub's
-    parquet files (``plain_text/train-00000-of-00001.parquet`` or ``.../train/0000.parquet``) at
-    any depth under ``data_dir``; returns [] when neither holds the split.
-    """
+def _saved_dataset(data_dir: Path, split: str) -> Path | None:
+    """The ``save_to_disk`` DatasetDict folder under ``data_dir`` that holds ``split``, if any."""
     saved = find_path(data_dir, "dataset_dict.json")
-    if saved is not None:
-        import datasets
+    return saved.parent if saved is not None and (saved.parent / split).is_dir() else None
 
-        dataset = datasets.load_from_disk(str(saved.parent))
-        if split in dataset:
-            return [(str(saved.parent), dataset[split].select_columns(columns).with_format("arrow")[:])]
+
+def _parquet_files(data_dir: Path, split: str) -> list[Path]:
     files = [
         p for p in sorted(data_dir.rglob("*.parquet"))
         if HUB_CACHE not in p.parts and (p.name.startswith((f"{split}-", f"{split}.")) or p.parent.name == split)
@@ -195,9 +188,34 @@ def hub_split_tables(data_dir: Path, split: str, columns: list[str]):
         raise DataFormatError(
             f"{data_dir}: parquet files of split '{split}' in several folders ({', '.join(map(str, files))}); keep one copy"
         )
+    return files
+
+
+def hub_split_files(data_dir: Path, split: str) -> list[Path]:
+    """The files that :func:`hub_split_tables` reads ``split`` from ([] when none holds it)."""
+    saved = _saved_dataset(data_dir, split)
+    if saved is not None:
+        return sorted(p for p in (saved / split).rglob("*") if p.is_file())
+    return _parquet_files(data_dir, split)
+
+
+def hub_split_tables(data_dir: Path, split: str, columns: list[str]):
+    """A local Hugging Face copy's ``split`` as [(source file or folder, pyarrow.Table)].
+
+    Accepts a ``save_to_disk`` DatasetDict (a folder holding ``dataset_dict.json`` and one
+    sub-folder per split) or the hub's parquet files (``plain_text/train-00000-of-00001.parquet``
+    or ``.../train/0000.parquet``) at any depth under ``data_dir``; returns [] when neither holds
+    the split.
+    """
+    saved = _saved_dataset(data_dir, split)
+    if saved is not None:
+        import datasets
+
+        dataset = datasets.load_from_disk(str(saved))
+        return [(str(saved), dataset[split].select_columns(columns).with_format("arrow")[:])]
     import pyarrow.parquet as pq
 
-    return [(str(p), pq.read_table(p, columns=columns)) for p in files]
+    return [(str(p), pq.read_table(p, columns=columns)) for p in _parquet_files(data_dir, split)]
 
 
 def fetch_hub(name: str, out: Path, keep_cache: bool = False) -> Path:
@@ -245,6 +263,12 @@ def tfds_pairs(data_dir: Path, name: str, split: str, task: str) -> list[tuple]:
         )
     dataset = tfds.load(name, split=split, data_dir=str(data_dir / "tfds"), download=False, as_supervised=True)
     return list(tfds.as_numpy(dataset))
+
+
+def tfds_files(data_dir: Path, name: str) -> list[Path]:
+    """The files of tfds ``name`` prepared under ``data_dir/tfds`` (every split's; [] if none)."""
+    folder = data_dir / "tfds" / name
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
 def fetch_tfds(name: str, out: Path) -> Path:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from tasks.base import DataFormatError, DataNotFoundError, LRADataModule
-from tasks.download import add_source_arguments, hub_split_tables, prepare_source, tfds_pairs
+from tasks.download import add_source_arguments, hub_split_files, hub_split_tables, prepare_source, tfds_files, tfds_pairs
 from tasks.text import SOURCES, check_labels
 
 HUB_NAME = "uoft-cs/cifar10"
@@ -79,6 +79,11 @@ class ImageDataModule(LRADataModule):
 
     def cache_key(self) -> dict:
         return {**super().cache_key(), "source": self.source}
+
+    def source_files(self, split: str) -> list[Path]:
+        if self.source == "tfds":
+            return tfds_files(self.data_dir, TFDS_NAME)
+        return hub_split_files(self.data_dir, "test" if split == "test" else "train")
 
     def _read(self, split: str) -> tuple[np.ndarray, Tensor]:
         """RGB images (M, 32, 32, 3) uint8 and labels of the source's ``split`` (train or test)."""

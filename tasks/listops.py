@@ -96,6 +96,10 @@ class ListOpsDataModule(LRADataModule):
             )
         return path
 
+    def source_files(self, split: str) -> list[Path]:
+        path = find_path(self.data_dir, FILE.format(split=split))
+        return [path] if path is not None else []
+
     def build_split(self, split: str) -> dict[str, Tensor]:
         sources, targets = read_tsv(self._file(split))
         ids = pad_batch([encode(s) for s in sources], self.max_length, compact_dtype(self.vocab_size))

@@ -145,6 +145,12 @@ class PathfinderDataModule(LRADataModule):
             key.update(generate_count=self.generate_count, generate_seed=self.generate_seed)
         return key
 
+    def source_files(self, split: str) -> list[Path]:
+        """The metadata files: they list the images (which are too many to check on every load),
+        and generating or unpacking a data set rewrites them with its images."""
+        path = find_path(self.data_dir, generator.folder_name(self.resolution, self.difficulty))
+        return sorted((path / "metadata").glob("*.npy")) if path is not None else []
+
     def folder(self) -> Path:
         relative = generator.folder_name(self.resolution, self.difficulty)
         path = find_path(self.data_dir, relative)

@@ -55,15 +55,19 @@ class RetrievalDataModule(LRADataModule):
     def __init__(self, data_dir: str, max_length: int = 4000, **kw):
         super().__init__(data_dir, max_length, **kw)
 
+    def source_files(self, split: str) -> list[Path]:
+        path = find_path(self.data_dir, FILE.format(split=FILE_SPLIT[split]))
+        return [path] if path is not None else []
+
     def build_split(self, split: str) -> dict[str, Tensor]:
-        relative = FILE.format(split=FILE_SPLIT[split])
-        path = find_path(self.data_dir, relative)
-        if path is None:
+        files = self.source_files(split)
+        if not files:
             raise DataNotFoundError(
-                f"Retrieval: no {relative} under {self.data_dir}. Download and unpack the LRA release with\n"
+                f"Retrieval: no {FILE.format(split=FILE_SPLIT[split])} under {self.data_dir}. Download and unpack "
+                "the LRA release with\n"
                 f"    python scripts/prepare_data.py lra_release --out {self.data_dir}\n"
                 "(about 8 GB), or point task.data_dir at an unpacked copy."
             )
-        first, second, labels = read_tsv(path)
+        first, second, labels = read_tsv(files[0])
         return {"input_ids": byte_ids(first, self.max_length), "input_ids_2": byte_ids(second, self.max_length),
                 "label": torch.tensor(labels, dtype=torch.uint8)}

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tasks.base import DataFormatError, DataNotFoundError, LRADataModule
-from tasks.download import add_source_arguments, hub_split_tables, prepare_source, tfds_pairs
+from tasks.download import add_source_arguments, hub_split_files, hub_split_tables, prepare_source, tfds_files, tfds_pairs
 
 HUB_NAME = "stanfordnlp/imdb"
 TFDS_NAME = "imdb_reviews"
@@ -82,6 +83,15 @@ class TextDataModule(LRADataModule):
             return self.splits["test"]
         return super().load_split(split)
 
+    def _source_split(self, split: str) -> str:
+        """The source's split (train or test) that ``split`` is made from."""
+        return "test" if split == "test" or (split == "val" and self.val_split == "test") else "train"
+
+    def source_files(self, split: str) -> list[Path]:
+        if self.source == "tfds":
+            return tfds_files(self.data_dir, TFDS_NAME)
+        return hub_split_files(self.data_dir, self._source_split(split))
+
     def _read(self, split: str) -> tuple[list[bytes], Tensor]:
         """Raw reviews (bytes) and labels of the source's ``split`` (train or test)."""
         if self.source == "tfds":
@@ -105,13 +115,10 @@ class TextDataModule(LRADataModule):
         return texts, torch.cat(labels)
 
     def build_split(self, split: str) -> dict[str, Tensor]:
-        if split == "test" or (split == "val" and self.val_split == "test"):
-            texts, labels = self._read("test")
-        else:
-            texts, labels = self._read("train")
-            if self.val_split != "test":
-                rows = validation_rows(len(texts), self.val_split)[1 if split == "val" else 0]
-                texts, labels = [texts[i] for i in rows], labels[rows]
+        texts, labels = self._read(self._source_split(split))
+        if split != "test" and self.val_split != "test":
+            rows = validation_rows(len(texts), self.val_split)[1 if split == "val" else 0]
+            texts, labels = [texts[i] for i in rows], labels[rows]
         return {"input_ids": byte_ids(texts, self.max_length), "label": labels}
 
 

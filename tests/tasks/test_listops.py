@@ -142,3 +142,21 @@ def test_generate_on_first_use_and_cache_reuse(tmp_path, monkeypatch):
 
 def test_encode_drops_parentheses():
     assert encode("( ( [SM 1 ) 2 ) ] )") == [VOCAB.index("[SM") + 1, 2, 3, VOCAB.index("]") + 1]
+
+
+def test_a_replaced_source_file_rebuilds_the_cache_and_a_deleted_one_keeps_it(tmp_path, monkeypatch):
+    folder = tmp_path / "listops-1000"
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        (folder / f"basic_{split}.tsv").write_text("Source\tTarget\n( [MAX 4 3 ] )\t4\n")
+    ListOpsDataModule(str(tmp_path), max_length=8).setup()
+    (folder / "basic_train.tsv").write_text("Source\tTarget\n( [MIN 4 3 ] )\t3\n( [SM 9 8 ] )\t7\n")
+    again = ListOpsDataModule(str(tmp_path), max_length=8)
+    again.setup()
+    assert again.splits["train"]["label"].tolist() == [3, 7]
+    assert again.splits["val"]["label"].tolist() == [4]
+    (folder / "basic_train.tsv").unlink()
+    kept = ListOpsDataModule(str(tmp_path), max_length=8)
+    monkeypatch.setattr(kept, "build_split", lambda split: pytest.fail("the cache must serve deleted sources"))
+    kept.setup()
+    assert kept.splits["train"]["label"].tolist() == [3, 7]

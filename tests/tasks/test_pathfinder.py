@@ -84,6 +84,16 @@ def test_split_is_deterministic_and_cached(copy, monkeypatch):
     assert not torch.equal(reshuffled.rows("test")["input_ids"], first.rows("test")["input_ids"])
 
 
+def test_rewritten_metadata_rebuilds_the_cache(copy):
+    data = copy()
+    PathfinderDataModule(str(data)).setup()
+    meta = data / FOLDER / "metadata" / "2.npy"  # the last batch's 8 images
+    meta.write_text("")
+    again = PathfinderDataModule(str(data))
+    again.setup()
+    assert sum(len(again.splits[s]["label"]) for s in ("train", "val", "test")) == 32
+
+
 def test_empty_image_is_skipped_and_nesting_is_found(copy):
     root = copy("lra_release/lra_release")
     empty = root / FOLDER / "imgs" / "1" / "sample_3.png"

@@ -88,3 +88,12 @@ def test_cache_is_reused_and_keyed_by_length(tmp_path, monkeypatch):
     longer = RetrievalDataModule(str(tmp_path), max_length=12)
     longer.setup()
     assert longer.rows("train")["input_ids"].shape == (4, 12)
+
+
+def test_a_replaced_release_file_rebuilds_the_cache(tmp_path):
+    folder = write_release(tmp_path)
+    RetrievalDataModule(str(tmp_path), max_length=8).setup()
+    (folder / "new_aan_pairs.test.tsv").write_bytes(b"0\tk\tl\tseven\teight\n")
+    again = RetrievalDataModule(str(tmp_path), max_length=8)
+    again.setup()
+    assert again.rows("test")["input_ids"].tolist() == [ids_of(b"seven", 8)]

@@ -91,12 +91,25 @@ def test_validation_fraction_holds_out_a_fixed_part_of_train(parquet_dir):
 
 def test_cache_is_reused_and_keyed_by_settings(parquet_dir, monkeypatch):
     TextDataModule(str(parquet_dir), max_length=12).setup()
-    cached = sorted(p.name for p in (parquet_dir / "cache").iterdir())
+    cached = sorted(p.name for p in (parquet_dir / "cache").glob("*.pt"))
     assert len(cached) == 2, "train and test only: validation reuses the test tensors"
     again = TextDataModule(str(parquet_dir), max_length=12)
     monkeypatch.setattr(again, "build_split", lambda split: pytest.fail("cached tensors should be reused"))
     again.setup()
     assert again.cache_path("train") != TextDataModule(str(parquet_dir), max_length=10).cache_path("train")
+
+
+def test_a_replaced_or_added_parquet_file_rebuilds_the_cache(parquet_dir):
+    TextDataModule(str(parquet_dir), max_length=12).setup()
+    folder = parquet_dir / "plain_text"
+    datasets.Dataset.from_dict({"text": ["Brand new"], "label": [0]}, features=FEATURES).to_parquet(
+        str(folder / "test-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict({"text": ["Second shard"], "label": [1]}, features=FEATURES).to_parquet(
+        str(folder / "train-00001-of-00002.parquet"))
+    again = TextDataModule(str(parquet_dir), max_length=12)
+    again.setup()
+    assert decode(again.rows("test")["input_ids"]) == {"Brand new"}
+    assert decode(again.rows("train")["input_ids"]) == {t[:12] for t in TRAIN["text"]} | {"Second shard"}
 
 
 def test_missing_data_names_the_command(tmp_path):
