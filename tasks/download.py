@@ -13,17 +13,19 @@
   prepared tensorflow-datasets one; :func:`fetch_hub` and :func:`fetch_tfds` make those copies
   (``prepare_data.py text|image``).
 
-A network failure raises :class:`DownloadError` whose one-line message names the URL to fetch by
-hand and where to put the file.
+A network failure (also inside the hub's or tfds's own download) raises :class:`DownloadError`
+whose one-line message names what to fetch by hand and where to put it.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import hashlib
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import urllib.error
@@ -271,11 +273,51 @@ def tfds_files(data_dir: Path, name: str) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
 
-def fetch_tfds(name: str, out: Path) -> Path:
-    """Download and prepare tfds ``name`` under ``out/tfds`` (what ``source=tfds`` reads)."""
+NETWORK_ERRNOS = {errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ECONNRESET,
+                  errno.ETIMEDOUT}
+
+
+def is_network_error(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, is a failure to reach a server."""
+    kinds = [ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError, HTTPException]
+    try:
+        import requests  # what tfds downloads with
+
+        kinds += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, tuple(kinds)) or (isinstance(error, OSError) and error.errno in NETWORK_ERRNOS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def tfds_offline_message(name: str, url: str, manual_dir: Path, error: BaseException) -> str:
+    """One line: tfds could not reach the network, what to fetch by hand, and where it goes."""
+    reason = " ".join(str(error).split())[:200]
+    return (f"cannot reach the network to prepare tfds {name} ({type(error).__name__}: {reason}); download {url} "
+            f"by hand and put it in {manual_dir}/ as {url.rsplit('/', 1)[-1]} (tfds reads it from there), "
+            "then run this again")
+
+
+def fetch_tfds(name: str, out: Path, url: str) -> Path:
+    """Download and prepare tfds ``name`` under ``out/tfds`` (what ``source=tfds`` reads).
+
+    ``url`` is the archive tfds downloads; offline, a copy fetched by hand into
+    ``out/tfds/downloads/manual/`` under its own file name is used instead.
+    """
     tfds = import_tfds()
-    builder = tfds.builder(name, data_dir=str(out / "tfds"))
-    builder.download_and_prepare()
+    manual_dir = out / "tfds" / "downloads" / "manual"
+    try:
+        builder = tfds.builder(name, data_dir=str(out / "tfds"))
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        raise DownloadError(tfds_offline_message(name, url, manual_dir, error)) from None
     return out / "tfds" / name
 
 
@@ -287,11 +329,14 @@ def add_source_arguments(parser: argparse.ArgumentParser, out: str, hub_name: st
     parser.add_argument("--keep-cache", action="store_true", help=f"keep the hub download cache (OUT/{HUB_CACHE})")
 
 
-def prepare_source(args: argparse.Namespace, tfds_name: str, task: str) -> int:
+def prepare_source(args: argparse.Namespace, tfds_name: str, tfds_url: str, task: str) -> int:
     """Fetch a hub or tfds data set into ``args.out``; one line on stderr and 1 when offline."""
     out = Path(args.out)
     try:
-        where = fetch_tfds(tfds_name, out) if args.source == "tfds" else fetch_hub(args.hub_name, out, args.keep_cache)
+        if args.source == "tfds":
+            where = fetch_tfds(tfds_name, out, tfds_url)
+        else:
+            where = fetch_hub(args.hub_name, out, args.keep_cache)
     except DownloadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

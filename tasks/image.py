@@ -36,6 +36,7 @@ from tasks.text import SOURCES, check_labels
 
 HUB_NAME = "uoft-cs/cifar10"
 TFDS_NAME = "cifar10"
+TFDS_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"  # the archive tfds downloads for it
 LUMA = (0.2989, 0.5870, 0.1140)
 SIDE = 32
 TRAIN_FRACTION = 0.9
@@ -119,4 +120,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    return prepare_source(args, TFDS_NAME, task="image")
+    return prepare_source(args, TFDS_NAME, TFDS_URL, task="image")

@@ -31,6 +31,7 @@ from tasks.download import add_source_arguments, hub_split_files, hub_split_tabl
 
 HUB_NAME = "stanfordnlp/imdb"
 TFDS_NAME = "imdb_reviews"
+TFDS_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"  # the archive tfds downloads for it
 SOURCES = ("hf", "tfds")
 VAL_SEED = 0
 
@@ -127,4 +128,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    return prepare_source(args, TFDS_NAME, task="text")
+    return prepare_source(args, TFDS_NAME, TFDS_URL, task="text")

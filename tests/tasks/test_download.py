@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import socket
+import sys
 import tarfile
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import pytest
 
 from scripts.prepare_data import main as prepare_main
 from tasks.base import DataFormatError, find_path
-from tasks.download import DownloadError, download, extract, locate
+from tasks.download import DownloadError, download, extract, is_network_error, locate
 
 PAYLOAD = bytes(range(256)) * 40  # 10,240 bytes
 
@@ -214,3 +217,64 @@ def test_prepare_lra_release_offline_prints_one_line_and_fails(tmp_path, capsys)
     assert prepare_main(["lra_release", "--url", f"http://127.0.0.1:{port}/lra_release.gz", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "by hand" in err and str(tmp_path / "lra_release.gz") in err
+
+
+def fake_tfds(monkeypatch, error: Exception) -> list:
+    """tensorflow_datasets whose download_and_prepare raises ``error``; records its manual_dir."""
+    manual_dirs = []
+
+    class Builder:
+        def download_and_prepare(self, download_config):
+            manual_dirs.append(download_config.manual_dir)
+            raise error
+
+    module = types.SimpleNamespace(builder=lambda name, data_dir: Builder(),
+                                   download=types.SimpleNamespace(DownloadConfig=types.SimpleNamespace))
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+    return manual_dirs
+
+
+def unreachable() -> Exception:
+    """What requests (tfds's downloader) raises offline, from the socket's own error."""
+    import requests
+
+    try:
+        try:
+            raise OSError(errno.ENETUNREACH, "Network is unreachable")
+        except OSError as cause:
+            raise requests.exceptions.ConnectionError("HTTPConnectionPool(host='ai.stanford.edu'): "
+                                                      "Max retries exceeded") from cause
+    except requests.exceptions.ConnectionError as error:
+        return error
+
+
+@pytest.mark.parametrize("task,archive", [("text", "aclImdb_v1.tar.gz"), ("image", "cifar-10-binary.tar.gz")])
+def test_prepare_tfds_offline_prints_one_line_with_what_to_fetch(task, archive, tmp_path, monkeypatch, capsys):
+    manual_dirs = fake_tfds(monkeypatch, unreachable())
+    out = tmp_path / task
+    assert prepare_main([task, "--source", "tfds", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    manual = out / "tfds" / "downloads" / "manual"
+    assert err.count("\n") == 0 and "cannot reach the network" in err and "by hand" in err
+    assert f"/{archive} by hand" in err and f"{manual}/ as {archive}" in err
+    assert manual_dirs == [str(manual)], "tfds must look for the hand-fetched archive where the message says"
+
+
+def test_prepare_tfds_other_errors_are_not_called_offline(tmp_path, monkeypatch):
+    fake_tfds(monkeypatch, ValueError("bad checksum"))
+    with pytest.raises(ValueError, match="bad checksum"):
+        prepare_main(["text", "--source", "tfds", "--out", str(tmp_path)])
+
+
+def test_network_errors_are_recognised_through_their_causes():
+    assert is_network_error(unreachable().__cause__) and is_network_error(unreachable())
+    try:
+        try:
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        except OSError as cause:
+            raise RuntimeError("download failed") from cause
+    except RuntimeError as wrapped:
+        assert is_network_error(wrapped)
+    assert not is_network_error(FileNotFoundError(errno.ENOENT, "no such file"))
+    assert not is_network_error(ValueError("bad checksum"))
+
