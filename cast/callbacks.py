@@ -67,16 +67,22 @@ class PlainProgress(L.Callback):
 class LastCheckpoint(L.Callback):
     """Keeps ``dirpath/last.ckpt`` current: every N steps, at the end of fit, and on any exception.
 
-    A run that dies (an error, Ctrl-C, SLURM's SIGTERM) therefore resumes with ``ckpt_path=last``
-    from the step it reached; only a hard kill (SIGKILL, power loss) loses up to N steps.
+    A run that dies (an error, Ctrl-C, SLURM's SIGTERM, submitit's time-limit signal) therefore
+    resumes with ``ckpt_path=last`` from the step it reached; only a hard kill (SIGKILL, power
+    loss) loses up to N steps.
     """
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 200):
         self.path = Path(dirpath) / "last.ckpt"
         self.every = every_n_train_steps
 
-    def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.path)
+    def _save(self, trainer, collective: bool = True) -> None:
+        if collective:
+            trainer.save_checkpoint(self.path)
+        else:
+            # After an exception the ranks are out of step (submitit's signal reaches rank 0's
+            # handler only): rank 0 writes without the barrier that trainer.save_checkpoint ends with.
+            trainer.strategy.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), self.path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every > 0 and trainer.global_step % self.every == 0:
@@ -87,4 +93,4 @@ class LastCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if trainer.state.fn == "fit":
-            self._save(trainer)
+            self._save(trainer, collective=False)
