@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from cast.results import read_results
+from cast.run import train
 from tests.conftest import CONFIGS, ROOT, TINY, compose_train
 
 ATTENTIONS = ["vanilla", "cast", "clustered", "iclustered", "fastmax", "performer", "reformer"]
@@ -83,6 +90,79 @@ def test_slurm_launcher_preset_composes_without_submitting():
     assert launcher.partition is None
     built = instantiate(launcher)
     assert type(built).__name__ == "SlurmLauncher" and built.params["mem_gb"] == 64
+
+
+class Submitted(Exception):
+    """Stops a launch at the point where submitit would call sbatch."""
+
+
+def test_slurm_preset_asks_for_the_signal_that_submitit_handles(tmp_path, monkeypatch):
+    import submitit
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from submitit.slurm.slurm import SlurmExecutor, SlurmJobEnvironment
+
+    class Recording(submitit.AutoExecutor):
+        def map_array(self, fn, *args):
+            raise Submitted(self._executor._make_submission_file_text("python -u -m submitit.core._submit", "0"))
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun were there
+    monkeypatch.setattr(submitit, "AutoExecutor", Recording)
+    cfg = compose_with_hydra("hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path}")
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=None, config=cfg)
+    with pytest.raises(Submitted) as submitted:
+        launcher.launch([["seed=0"]], initial_job_idx=0)
+    sbatch = str(submitted.value)
+    assert "#SBATCH --signal=USR2@120" in sbatch and "#SBATCH --time=1440" in sbatch
+    # The job's handler listens for the same signal; Lightning's auto-requeue for another one.
+    assert SlurmJobEnvironment._usr_sig() == signal.SIGUSR2
+    assert SLURMEnvironment().requeue_signal != signal.SIGUSR2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_num_timeout", [0, 1])
+def test_time_limit_signal_writes_last_ckpt_and_ckpt_path_last_resumes(max_num_timeout, tiny_cfg, tmp_path,
+                                                                        monkeypatch):
+    """submitit's handler, installed as in a SLURM job, gets the time-limit signal at step 7."""
+    from submitit.core.job_environment import SignalHandler
+    from submitit.core.utils import DelayedSubmission, UncompletedJobError
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    class TimeLimit(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 7:
+                os.kill(os.getpid(), SlurmJobEnvironment._usr_sig())
+
+    requeued = []
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setattr(SlurmJobEnvironment, "_requeue", lambda self, countdown: requeued.append(countdown))
+    monkeypatch.setattr(SignalHandler, "has_timed_out", lambda self: True)
+    import cast.run as run_module
+
+    original = run_module._instantiate_group
+    monkeypatch.setattr(run_module, "_instantiate_group",
+                        lambda group: original(group) + ([TimeLimit()] if group and "last" in group else []))
+    launcher = instantiate(compose_with_hydra("hydra/launcher=slurm").hydra.launcher)
+    job = DelayedSubmission(launcher, ["seed=0"])
+    job.set_timeout(1440, max_num_timeout)
+    signals = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)}
+    common = ("attention=vanilla", "trainer.max_steps=12", "ckpt_path=last")
+    try:
+        SlurmJobEnvironment()._handle_signals(SimpleNamespace(submitted_pickle=tmp_path / "submitted.pkl"), job)
+        with pytest.raises(SystemExit if max_num_timeout else UncompletedJobError):
+            train(tiny_cfg(*common))
+    finally:
+        for number, handler in signals.items():
+            signal.signal(number, handler)
+    assert requeued == ([0] if max_num_timeout else [])
+    assert (tmp_path / "submitted.pkl").exists(), "submitit pickled the job to run again"
+    run_dir = tmp_path / "run"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    assert read_results(run_dir)["status"] == "failed"
+
+    monkeypatch.setattr(run_module, "_instantiate_group", original)
+    results = train(tiny_cfg(*common))  # the requeued job: same directory, same overrides
+    assert results["status"] == "ok" and results["steps"] == 12
 
 
 def tiny(listops_dir: Path) -> list[str]:
