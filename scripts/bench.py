@@ -12,9 +12,10 @@ or one training step of the LRA Text model (``model``). Timing runs in this proc
 all mechanisms are warmed up, then each repeat times them in turn, the order rotating, so a shared
 machine's drifts hit all alike; medians over repeats, ratios of medians to vanilla (fused) at the
 same length. Peak memory: cast/benchmark.py. A failure is recorded and the run goes on; a
-mechanism out of memory is skipped at longer lengths. Outputs in --out: bench.csv, bench.md (the
-LRA efficiency table's layout), bench_<mode>.png (log-log, fitted slopes); --fidelity writes
-fidelity.csv and fidelity.md instead.
+mechanism out of memory is skipped at longer lengths. Outputs in --out: bench.csv (rewritten
+after every length, so a stopped run keeps what it measured), bench.md (the LRA efficiency
+table's layout), bench_<mode>.png (log-log, fitted slopes); --fidelity writes fidelity.csv and
+fidelity.md instead.
 Shapes (layer mode): B batch (--batch), h heads (--heads), d head width (--head-dim), N length.
 """
 
@@ -121,7 +122,8 @@ def measurement_plan(args, specs: list[Spec]) -> dict[int, list[Spec]]:
                                                        16384: [VANILLA, CAST_16K, CAST_SLOPE]}
 
 
-def measure(args, plan: dict[int, list[Spec]]) -> list[dict]:
+def measure(args, plan: dict[int, list[Spec]], save=lambda rows: None) -> list[dict]:
+    """Every (mode, length) of the plan; ``save(rows)`` after each, so a stopped run keeps its rows."""
     shape = Shape(args.batch, args.heads, args.head_dim)
     rows = []
     for mode in ["layer", "model"] if args.mode == "both" else [args.mode]:
@@ -134,6 +136,7 @@ def measure(args, plan: dict[int, list[Spec]]) -> list[dict]:
         out_of_memory: set[Spec] = set()
         for length in sorted(plan):
             rows += measure_length(args, mode, length, plan[length], shape, memory, out_of_memory)
+            save(rows)
     return rows
 
 
@@ -364,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(out / "fidelity.csv", rows, FIDELITY_COLUMNS)
         (out / "fidelity.md").write_text(fidelity_markdown(rows, args, time.perf_counter() - started))
     else:
-        rows = measure(args, measurement_plan(args, specs))
-        add_ratios(rows)
-        write_csv(out / "bench.csv", rows, COLUMNS)
+        def save(rows: list[dict]) -> None:
+            add_ratios(rows)
+            write_csv(out / "bench.csv", rows, COLUMNS)
+
+        rows = measure(args, measurement_plan(args, specs), save)
         for mode in dict.fromkeys(r["mode"] for r in rows):
             plot(rows, mode, out / f"bench_{mode}.png")
         targets = [t for t in check_targets(rows) if args.targets or t[0] != "MISSING"]

@@ -220,6 +220,23 @@ def test_targets_pass_fail_and_missing():
     assert slope([(n, 3 * n) for n in bench.SLOPE_LENGTHS]) == pytest.approx(1.0)
 
 
+def test_a_run_stopped_part_way_keeps_the_lengths_it_finished(configs, tmp_path, monkeypatch):
+    finished = bench.measure_length
+
+    def stop_at_128(args, mode, length, *rest):
+        if length == 128:
+            raise KeyboardInterrupt
+        return finished(args, mode, length, *rest)
+
+    monkeypatch.setattr(bench, "measure_length", stop_at_128)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*TINY, "--mode", "layer", "--configs", str(configs), "--out", str(tmp_path),
+                    "--mechanisms", "vanilla,vanilla-math"])
+    rows = read_csv(tmp_path / "bench.csv")
+    assert sorted((r["label"], int(r["length"])) for r in rows) == [("vanilla", 64), ("vanilla-math", 64)]
+    assert float(next(r for r in rows if r["label"] == "vanilla-math")["time_ratio_vs_vanilla"]) > 0
+
+
 def test_targets_run_measures_exactly_what_the_targets_need():
     args = bench.parse_args(["--targets"])
     plan = bench.measurement_plan(args, discover())
