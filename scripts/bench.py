@@ -236,12 +236,14 @@ def plot(rows: list[dict], mode: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in zip(axes, ("time_ms", "peak_mem_mb"), ("time per step (ms)", "peak memory (MB)")):
-        for label in dict.fromkeys(r["label"] for r in rows if r["mode"] == mode):
+        for i, label in enumerate(dict.fromkeys(r["label"] for r in rows if r["mode"] == mode)):
             points = sorted((r["length"], r[key]) for r in rows
                             if r["mode"] == mode and r["label"] == label and (r.get(key) or 0) > 0)
             if points:
                 s = slope(points)
-                ax.plot(*zip(*points), marker="o", label=label if s is None else f"{label} (slope {s:.2f})")
+                # Past the 10 colours of the default cycle, line styles keep the curves apart.
+                ax.plot(*zip(*points), marker="os^"[i // 10 % 3], linestyle=("-", "--", ":")[i // 10 % 3],
+                        label=label if s is None else f"{label} (slope {s:.2f})")
         ax.set(xscale="log", yscale="log", xlabel="sequence length", title=title)
         lengths = sorted({r["length"] for r in rows if r["mode"] == mode})
         ax.set_xticks(lengths, [length_label(n) for n in lengths], minor=False)
