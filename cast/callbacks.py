@@ -78,11 +78,11 @@ class LastCheckpoint(L.Callback):
 
     def _save(self, trainer, collective: bool = True) -> None:
         if collective:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
         else:
             # After an exception the ranks are out of step (submitit's signal reaches rank 0's
             # handler only): rank 0 writes without the barrier that trainer.save_checkpoint ends with.
-            trainer.strategy.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), self.path)
+            trainer.strategy.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(weights_only=False), self.path)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every > 0 and trainer.global_step % self.every == 0:

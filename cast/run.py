@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Mid-epoch resume is exact: the datamodule's state_dict records the position in the epoch
     # and its sampler skips what was seen, which Lightning's loader check cannot know.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Raised inside Lightning's own pytree helper on every fit with torch >= 2.10; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         L.seed_everything(cfg.seed, workers=True)
         datamodule, lit = build(cfg)
