@@ -137,6 +137,7 @@ class PathfinderDataModule(LRADataModule):
         if resolution != 32:
             self.name = "pathx" if resolution == 128 else f"pathfinder{resolution}"
         self._all: tuple[Tensor, Tensor] | None = None
+        self._found: Path | None = None
 
     def cache_key(self) -> dict:
         key = super().cache_key()
@@ -148,16 +149,24 @@ class PathfinderDataModule(LRADataModule):
     def source_files(self, split: str) -> list[Path]:
         """The metadata files: they list the images (which are too many to check on every load),
         and generating or unpacking a data set rewrites them with its images."""
-        path = find_path(self.data_dir, generator.folder_name(self.resolution, self.difficulty))
+        path = self._find()
         return sorted((path / "metadata").glob("*.npy")) if path is not None else []
+
+    def _find(self) -> Path | None:
+        """The data set's folder below data_dir, searched for once it has been found: with the
+        folder deeper down, each search walks a tree of up to a million images, and every split's
+        cache check asks for it."""
+        if self._found is None:
+            self._found = find_path(self.data_dir, generator.folder_name(self.resolution, self.difficulty))
+        return self._found
 
     def folder(self) -> Path:
         relative = generator.folder_name(self.resolution, self.difficulty)
-        path = find_path(self.data_dir, relative)
+        path = self._find()
         if path is None and self.generate:
             generator.write_release(self.data_dir, self.resolution, self.difficulty, self.generate_count,
                                     seed=self.generate_seed)
-            path = find_path(self.data_dir, relative)
+            path = self._find()
         if path is None:
             raise DataNotFoundError(
                 f"Pathfinder: no {relative} under {self.data_dir}. Generate it with\n"

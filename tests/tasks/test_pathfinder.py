@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tasks import pathfinder
-from tasks.base import DataFormatError, DataNotFoundError
+from tasks.base import DataFormatError, DataNotFoundError, find_path
 from tasks.pathfinder import PathfinderDataModule, read_images, read_metadata
 from tasks.pathfinder_generator import write_release
 
@@ -103,6 +103,16 @@ def test_empty_image_is_skipped_and_nesting_is_found(copy):
     dm.setup()
     rows = _all_rows(dm)
     assert len(rows) == 39 and skipped not in rows
+
+
+def test_a_nested_folder_is_searched_for_once_per_datamodule(copy, monkeypatch):
+    root = copy("lra_release/lra_release")
+    searches = []
+    monkeypatch.setattr(pathfinder, "find_path", lambda *a: searches.append(a) or find_path(*a))
+    for _ in range(2):  # building the caches, then loading them
+        PathfinderDataModule(str(root.parents[1])).setup()
+        assert len(searches) == 1
+        searches.clear()
 
 
 def test_pixel0_is_padding_masks_black_pixels(generated):
