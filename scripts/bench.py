@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cast.benchmark import (CONFIG_DIR, MATH, ROOT, SKIPPED, VANILLA, Shape, Spec, build_step,  # noqa: E402
-                            cpu_peaks, cuda_peak_mb, discover, failure, fidelity_rows, parse_options, slope, time_ms)
+                            cpu_peaks, cuda_peak_mb, discover, failure, fidelity_rows, keep_freed_memory,
+                            parse_options, slope, time_ms)
 
 COLUMNS = ["mode", "device", "mechanism", "options", "label", "length", "batch", "time_ms",
            "time_ratio_vs_vanilla", "speedup_vs_vanilla", "peak_mem_mb", "mem_ratio_vs_vanilla",
@@ -79,6 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--configs", type=Path, default=CONFIG_DIR, help="folder of attention YAMLs")
     p.add_argument("--out", type=Path, help="output folder (default outputs/bench/<timestamp>)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="CPU: time with glibc's default malloc, which unmaps and page-faults large blocks "
+                   "anew every step (default: freed memory is kept, as a caching allocator does)")
     p.add_argument("--quick", action="store_true", help="256,512,1K, 1 repeat, layer mode, 1 thread")
     p.add_argument("--targets", action="store_true", help="only the measurements CAST's targets need")
     p.add_argument("--fidelity", action="store_true", help="output error against exact attention instead")
@@ -171,6 +175,9 @@ def measure_length(args, mode, length, specs, shape, memory, out_of_memory) -> l
             if spec not in steps:
                 continue
             try:
+                # One untimed step first: the one before belonged to another mechanism, whose
+                # freed memory and evicted caches this one's first step would pay for.
+                steps[spec]()
                 times[spec].append(time_ms(steps[spec], rows[spec]["iters"], device))
             except Exception as exc:
                 fail(spec, exc)
@@ -306,8 +313,17 @@ def header(title: str, args, elapsed: float) -> list[str]:
     if args.fidelity:
         return lines + [""]
     return lines + [f"- model: the LRA Text model, batch {args.batch}",
-                    f"- repeats: {args.repeats} (median); warm-up steps: {args.warmup}; at least "
-                    f"{args.min_time_ms:g} ms per mechanism and repeat", ""]
+                    f"- repeats: {args.repeats} (median), each after one untimed step; warm-up steps: "
+                    f"{args.warmup}; at least {args.min_time_ms:g} ms per mechanism and repeat",
+                    f"- CPU malloc: {malloc_line(args)}", ""]
+
+
+def malloc_line(args) -> str:
+    if args.device != "cpu":
+        return "not used (CUDA caching allocator)"
+    if getattr(args, "kept_memory", False):
+        return "glibc keeps freed memory for reuse (mmap and trim thresholds raised; --system-malloc turns it off)"
+    return "the system's default" + (" (--system-malloc)" if args.system_malloc else "")
 
 
 def speed_markdown(rows, targets, args, elapsed) -> str:
@@ -353,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.kept_memory = args.device == "cpu" and not args.system_malloc and keep_freed_memory()
     if args.device == "cpu" and not args.fidelity and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
         print(f"bench: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete "
               "for the CPU, so times will be noisy; --threads 1 and more --repeats help", flush=True)

@@ -75,8 +75,10 @@ class Attention(nn.Module):
     def output(self, y: Tensor, mask: Tensor) -> Tensor:
         """Merge heads of ``y`` (B, h, N, d), project, and zero the padded positions."""
         out = self.out_proj(self.merge_heads(y))
-        # In place: the projection's backward does not read its output, so no second copy is kept.
-        return out.mul_(mask.unsqueeze(-1).to(out.dtype))
+        # Not in place: the projection's output is a view of its 2-D matmul, and an in-place
+        # product would cost a copy of the whole output in the backward pass (CopySlices). The
+        # projection's output is freed at once (nothing saves it), so no second copy is kept.
+        return out * mask.unsqueeze(-1).to(out.dtype)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """Subclasses define ``attend(q, k, v, mask) -> (B, h, N, d)`` or override this."""

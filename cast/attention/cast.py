@@ -6,10 +6,12 @@ for efficient transformers", arXiv 2402.04239 / Pattern Recognition Letters 186 
 Shapes: B batch, h heads, N length, d head width, D = h·d, Nc clusters, κ slots per cluster
 (``cluster_size``), h' = 1 with ``shared_heads`` and h otherwise. Paper names map to code names:
 surrogate tokens S -> ``surrogates`` (h, Nc, d) or (Nc, D) shared; A_q, A_k -> query and key
-affinities ``affinity(q)``, ``affinity(k)`` (B, h', Nc, N), kept cluster-major; gate
-W_g -> ``gate``; A_g -> ``affinity(mix)`` with mix = g·q + (1 − g)·k, which equals
-g·A_q + (1 − g)·A_k because g is one number per token; I -> ``clusters.index`` (B, h', Nc, κ);
-summaries R -> ``summaries`` (B, h, Nc, d); combination weights W -> ``weights`` (B, h', Nc, N).
+affinities ``affinity(q)``, ``affinity(k)`` (B, h', Nc, N); gate W_g -> ``gate``; A_g -> the
+affinities of mix = g·q + (1 − g)·k, which equals g·A_q + (1 − g)·A_k because g is one number per
+token: cluster-major in ``cluster`` (for the top-k), token-major in ``combine``; I ->
+``clusters.index`` (B, h', Nc, κ); summaries R -> ``summaries`` (B, h, Nc, d); combination
+weights W -> ``cluster_weights``, (rows, N, Nc) for a few batch rows and one group of heads at a
+time, never held whole. q, k, v stay in the projections' (B, N, h, d) layout throughout.
 
 Per token i: O_i = Σ_c W[i, c] · (intra-cluster output of i in c if i is a member of c, else
 R_c), computed as W R plus a scatter-add of W[i, c]·(intra_c(i) − R_c) over members. Cost:
@@ -101,36 +103,49 @@ class CASTAttention(Attention):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         check_inputs(x, mask)
-        q, k, v = self.project(x)
-        gates = torch.sigmoid(self.gate(x)).transpose(1, 2)  # (B, h', N)
-        logits, clusters = self.cluster(q, k, gates, mask)
+        b, n, _ = x.shape
+        groups = 1 if self.shared_heads else self.n_heads  # h'
+        # The projections as (B, N, D): every view below reads them in place, no head split copy.
+        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q_groups, k_groups = q.view(b, n, groups, -1), k.view(b, n, groups, -1)  # (B, N, h', d')
+        gates = torch.sigmoid(self.gate(x))  # (B, N, h')
+        s = self.affinity_weights()
+        with torch.no_grad():  # _Combine's backward routes the gradient of mix to q, k and gates
+            diff = q_groups - k_groups
+            mix = torch.addcmul(k_groups, diff, gates.unsqueeze(-1))
+            logits, clusters = self.cluster(mix, s, mask)
         if self.record:
-            self.remember(clusters, gates, x.shape[0])
-        index = clusters.index.expand(x.shape[0], self.n_heads, *clusters.index.shape[2:])
-        clusters = Clusters(index, clusters.valid.expand_as(index))
+            self.remember(clusters, gates.transpose(1, 2), b)
+        index = clusters.index.expand(b, self.n_heads, *clusters.index.shape[2:])
+        valid = clusters.valid.expand_as(index)
+        q, k, v = (t.view(b, n, self.n_heads, self.d_head) for t in (q, k, v))  # (B, N, h, d)
         qc, kc, vc = (gather_tokens(t, index) for t in (q, k, v))
-        summaries = self.summarise(k, v, kc, vc, mask, clusters)
-        # Only the gathered copies are read from here on; dropping q, k, v (and below the
-        # (B, h', Nc, N) logits) lowers the peak memory of the pass by as much as they hold.
-        del q, k, v
-        mixed = combine(logits, summaries, self.attend_clusters(qc, kc, vc, clusters.valid), clusters)
-        del logits
-        return self.output(mixed, mask)
+        summaries = self.summarise(k, v, kc, vc, mask, Clusters(index, valid))
+        intra = self.attend_clusters(qc, kc, vc, valid)
+        if self.combine_with == "affinity":
+            mixed = combine(summaries, intra, clusters, s, q_groups, k_groups, gates, mix, diff, logits)
+        else:  # the query affinity weighs the clusters; the gate only steers the clustering
+            del mix, diff, logits
+            mixed = combine(summaries, intra, clusters, s, q_groups)
+        return self.output(mixed.transpose(1, 2), mask)
 
-    def cluster(self, q: Tensor, k: Tensor, gates: Tensor, mask: Tensor) -> tuple[Tensor, Clusters]:
-        """Combination logits (B, h', Nc, N) and the clusters, both from the gated affinity
-        (with ``combine_with: query`` the logits are the query affinity)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.combine_with == "affinity"):
-            # k + g·(q − k) keeps only q − k for the backward pass; lerp would keep q and k.
-            gated = self.affinity(torch.addcmul(k, q - k, gates.unsqueeze(-1)))
-        with torch.no_grad():
-            # In place and outside autograd: a masked copy of this (B, h', Nc, N) tensor would be
-            # the largest allocation. Padded columns receive no gradient anyway (their outputs are
-            # zeroed and they are never valid members).
-            gated.masked_fill_(~mask[:, None, None, :], torch.finfo(gated.dtype).min)
+    def cluster(self, mix: Tensor, s: Tensor, mask: Tensor) -> tuple[Tensor, Clusters]:
+        """The affinities of mix (B, N, h', d') to the scaled surrogates s (h', Nc, d'), stored
+        (h', Nc, B, N) with padded tokens at the lowest value, and the clusters from them (index
+        and valid, (B, h', Nc, κ)); no gradient."""
+        b, n = mix.shape[:2]
+        scores = cluster_scores(mix, s)
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         cluster_fn = topk_clusters if self.clustering == "topk" else sa_topk_clusters
-        clusters = cluster_fn(gated, mask.unsqueeze(1), self.size_for(q.shape[2]))
-        return (gated if self.combine_with == "affinity" else self.affinity(q)), clusters
+        index, valid = cluster_fn(scores.permute(2, 0, 1, 3), mask.unsqueeze(1), self.size_for(n))
+        return scores, Clusters(index.contiguous(), valid.contiguous())
+
+    def affinity_weights(self) -> Tensor:
+        """The scaled surrogates as (h', Nc, d') for the token affinities of :meth:`cluster` and
+        :func:`combine`: (h, Nc, d) per head, (1, Nc, D) with ``shared_heads``."""
+        if self.shared_heads:
+            return (self.surrogates / math.sqrt(self.qkv_dim)).unsqueeze(0)
+        return self.surrogates / math.sqrt(self.d_head)
 
     def scaled_surrogates(self) -> Tensor:
         """S / sqrt(width) as (h, Nc, d): scaling the few surrogates is cheaper than N·Nc scores."""
@@ -177,10 +192,12 @@ class CASTAttention(Attention):
 
     def summarise(self, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, mask: Tensor,
                   clusters: Clusters) -> Tensor | None:
-        """R_c = Σ_j softmax_j(A_k[j, c]) v_j over members (or all real tokens): (B, h, Nc, d)."""
+        """R_c = Σ_j softmax_j(A_k[j, c]) v_j over members (or all real tokens): (B, h, Nc, d).
+        k, v are (B, N, h, d); kc, vc their gathered members (B, h, Nc, κ, d)."""
         if self.summaries == "none":
             return None
         if self.summaries == "all":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
             scores, keep = self.affinity(k), mask[:, None, None, :]
         else:
             scores, keep = self.member_affinity(kc), clusters.valid
@@ -199,81 +216,196 @@ class CASTAttention(Attention):
         self.last_gates = gates.detach().expand(b, self.n_heads, -1).float().cpu()
 
 
-def token_rows(index: Tensor, n: int, heads_inner: bool) -> Tensor:
-    """Flat row of each (b, head, index) in a (B, h, N, ·) tensor stored as (B, N, h, ·) when
-    ``heads_inner`` (how split_heads leaves q, k, v) or as (B, h, N, ·) otherwise."""
+def token_rows(index: Tensor, n: int) -> Tensor:
+    """Flat row of each (b, head, index) in a (B, N, h, ·) tensor, the layout of the projections."""
     b, h = index.shape[:2]
     batch = torch.arange(b, device=index.device).view(b, 1, 1, 1) * (n * h)
-    head = torch.arange(h, device=index.device).view(1, h, 1, 1)
-    return batch + (index * h + head if heads_inner else head * n + index)
+    return batch + index * h + torch.arange(h, device=index.device).view(1, h, 1, 1)
 
 
 def gather_tokens(t: Tensor, index: Tensor) -> Tensor:
-    """Rows of t (B, h, N, d) at index (B, h, Nc, κ) -> (B, h, Nc, κ, d) in one flat row select,
-    cheaper than a gather with an expanded index; q, k, v from split_heads need no copy."""
-    b, h, n, d = t.shape
-    flat = t.transpose(1, 2).reshape(b * n * h, d)
-    return flat.index_select(0, token_rows(index, n, True).reshape(-1)).view(*index.shape, d)
+    """Rows of t (B, N, h, d) at index (B, h, Nc, κ) -> (B, h, Nc, κ, d) in one flat row select,
+    cheaper than a gather with an expanded index."""
+    return _Gather.apply(t, token_rows(index, t.shape[1]))
 
 
-def softmax_over_clusters(logits: Tensor) -> Tensor:
-    """softmax(logits, dim=-2) in contiguous passes: torch's softmax over a strided dimension is
-    several times slower on the CPU."""
-    weights = logits - logits.amax(dim=-2, keepdim=True)
-    return weights.exp_().div_(weights.sum(dim=-2, keepdim=True))
+class _Gather(torch.autograd.Function):
+    """t.reshape(-1, d)[rows]; the backward pass scatters the gradient in whichever of the two
+    layouts it arrives in: SDPA's backward on the CPU returns (B, h, κ, Nc, d)-major gradients,
+    which autograd's own view backward would first copy."""
+
+    @staticmethod
+    def forward(ctx, t, rows):
+        ctx.save_for_backward(rows)
+        ctx.shape = t.shape
+        return t.reshape(-1, t.shape[-1]).index_select(0, rows.reshape(-1)).view(*rows.shape, t.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        d = grad.shape[-1]
+        if not grad.is_contiguous() and grad.transpose(-2, -3).is_contiguous():
+            grad, rows = grad.transpose(-2, -3), rows.transpose(-1, -2)
+        out = grad.new_zeros(ctx.shape)
+        out.view(-1, d).index_add_(0, rows.reshape(-1), grad.contiguous().view(-1, d))
+        return out, None
 
 
-def combine(logits: Tensor, summaries: Tensor | None, intra: Tensor, clusters: Clusters) -> Tensor:
-    """O_i = Σ_c W[i, c] · (intra_c(i) if i is a member of c else R_c), with W = softmax over
-    clusters of ``logits`` (B, h', Nc, N); summaries (B, h, Nc, d) or None (R = 0); intra
-    (B, h, Nc, κ, d); clusters.index/valid (B, h, Nc, κ). Returns (B, h, N, d), never N×N."""
+def cluster_scores(t: Tensor, s: Tensor) -> Tensor:
+    """Affinities of t (B, N, h', d') to s (h', Nc, d'), stored (h', Nc, B, N): one bmm over a
+    strided (h', d', B·N) view of t, no transposed copy."""
+    b, n, groups, width = t.shape
+    return torch.bmm(s.to(t.dtype), t.view(b * n, groups, width).permute(1, 2, 0)).view(groups, -1, b, n)
+
+
+def combine(summaries: Tensor | None, intra: Tensor, clusters: Clusters, s: Tensor, q: Tensor,
+            k: Tensor | None = None, gates: Tensor | None = None, mix: Tensor | None = None,
+            diff: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
+    """O_i = Σ_c W[i, c] · (intra_c(i) if i is a member of c else R_c), W = softmax over clusters
+    of the affinities of mix = k + g·(q − k) to the scaled surrogates s (h', Nc, d').
+
+    q, k (B, N, h', d') and gates (B, N, h'); without k and gates, mix = q (``combine_with:
+    query``). mix, diff = q − k and the affinities ``logits`` (h', Nc, B, N), which this call
+    overwrites, may be passed when already computed. summaries (B, h, Nc, d) or None (R = 0);
+    intra (B, h, Nc, κ, d); clusters.index/valid (B, h', Nc, κ). Returns (B, N, h, d). Never
+    N×N, and no (B, h', N, Nc) tensor outlives the call (see _Combine).
+    """
     if summaries is None:
         summaries = intra.new_zeros(*intra.shape[:3], intra.shape[-1])
-    return _Combine.apply(logits, summaries, intra, clusters.index, clusters.valid)
+    with torch.no_grad():
+        if mix is None:
+            diff = None if k is None else q - k
+            mix = q.detach() if k is None else torch.addcmul(k, diff, gates.unsqueeze(-1))
+        logits = cluster_scores(mix, s) if logits is None else logits
+    return _Combine.apply(summaries, intra, s, q, k, gates, mix, diff, logits, clusters.index, clusters.valid)
+
+
+# Batch rows per pass of _Combine: its (rows·N, Nc) affinities and weights of one group of heads
+# hold about this many elements, few enough to stay in a CPU core's cache (1 MiB in float32).
+CHUNK_ELEMENTS = 2**18
+
+
+def row_chunks(b: int, per_row: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    return [slice(i, min(i + step, b)) for i in range(0, b, step)]
+
+
+def per_group(t: Tensor, groups: int) -> list[Tensor]:
+    """(m, N, h, d) -> per group of heads the strided (m, N, h/h'·d) view, no copy."""
+    m, n, h, d = t.shape
+    return list(t.view(m, n, groups, h // groups * d).unbind(2))
+
+
+def group_summaries(r: Tensor, groups: int) -> list[Tensor]:
+    """(m, h, Nc, d) -> per group of heads (m, Nc, h/h'·d); a view when each group is one head."""
+    m, h, nc, d = r.shape
+    r = r.view(m, groups, h // groups, nc, d)
+    return [r[:, g].transpose(1, 2).reshape(m, nc, -1) for g in range(groups)]
 
 
 class _Combine(torch.autograd.Function):
     """W R plus a scatter-add of W[i, c]·(intra_c(i) − R_c) over members, by hand in both passes.
 
-    Autograd would keep W R for the backward pass and allocate three more dense (B, h', Nc, N)
-    tensors there (a zero buffer for the member weights' gradient, its sum with W R's, the softmax
-    temporary). Here the only one is g = d out / d W: the member share is added to it in place,
-    and the softmax backward turns it into d out / d logits in place too.
+    Everything stays in the projections' (B, N, h', d') layout. For a few batch rows and one
+    group of heads at a time (CHUNK_ELEMENTS), the affinities are one matmul over a strided
+    (rows·N, d') view of mix, token-major, so the softmax over clusters and its backward run over
+    contiguous rows that stay in cache, and the products with R write straight into the output's
+    columns of those heads. W is never saved: the backward pass recomputes it chunk by chunk and
+    turns d out / d W into d out / d mix at once, so no (B, h', N, Nc) tensor lives across the
+    layer and the gradients of q, k and the gate come out in the projections' layout.
     """
 
     @staticmethod
-    def forward(ctx, logits, summaries, intra, index, valid):
-        b, h, nc, k, d = intra.shape
-        n = logits.shape[-1]
-        ctx.dtypes = logits.dtype, summaries.dtype
-        with torch.autocast(logits.device.type, enabled=False):
-            weights = softmax_over_clusters(logits.to(intra.dtype))
-            summaries = summaries.to(intra.dtype)
-            member_weights = weights.expand(b, h, nc, n).gather(-1, index) * valid
-            rows = token_rows(index, n, False).reshape(-1)
+    def forward(ctx, summaries, intra, s, q, k, gates, mix, diff, logits, index, valid):
+        b, h, nc, size, d = intra.shape
+        n, groups = mix.shape[1], mix.shape[2]
+        ctx.dtypes = summaries.dtype, s.dtype, q.dtype
+        with torch.autocast(intra.device.type, enabled=False):
+            s, mix, summaries = s.to(intra.dtype), mix.to(intra.dtype), summaries.to(intra.dtype)
+            # The forward pass reuses the clustering's affinities (h', Nc, B, N): their softmax
+            # over clusters in place, then per group of heads one bmm over the strided W.
+            weights = softmax_over_clusters_(logits.to(intra.dtype))
+            out = intra.new_empty(b, n, h, d)
+            for w, r, o in zip(weights, group_summaries(summaries, groups), per_group(out, groups)):
+                bmm_into(w.permute(1, 2, 0), r, o)
+            member_weights = weights.permute(2, 0, 1, 3).gather(-1, index).mul_(valid)
+            del weights
+            slots = index * nc + torch.arange(nc, device=index.device).view(nc, 1)
+            rows_all = token_rows(index.expand(b, h, nc, size), n).reshape(-1)
             contrib = member_weights.unsqueeze(-1) * (intra - summaries.unsqueeze(-2))
-            out = (weights.transpose(-1, -2) @ summaries).reshape(-1, d).index_add_(0, rows, contrib.view(-1, d))
-        ctx.save_for_backward(weights, summaries, intra, index, valid, member_weights, rows)
-        return out.view(b, h, n, d)
+            out.view(-1, d).index_add_(0, rows_all, contrib.view(-1, d))
+        ctx.save_for_backward(summaries, intra, s, gates, mix, diff, slots, valid, member_weights, rows_all)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weights, summaries, intra, index, valid, member_weights, rows = ctx.saved_tensors
-        b, h, nc, k, d = intra.shape
+        summaries, intra, s, gates, mix, diff, slots, valid, member_weights, rows_all = ctx.saved_tensors
+        b, h, nc, size, d = intra.shape
+        n, groups = mix.shape[1], mix.shape[2]
         grad_out = grad_out.to(intra.dtype).contiguous()
-        grad_members = grad_out.view(-1, d).index_select(0, rows).view(b, h, nc, k, d)
+        grad_members = grad_out.view(-1, d).index_select(0, rows_all).view(b, h, nc, size, d)
         # Σ_d g·(intra − R) without an (intra − R) temporary: the R part is one small matmul.
-        grad_member_weights = ((grad_members * intra).sum(-1)
-                               - (grad_members @ summaries.unsqueeze(-1)).squeeze(-1)) * valid
+        grad_member_weights = (torch.einsum("...kd,...kd->...k", grad_members, intra)
+                               - (grad_members @ summaries.unsqueeze(-1)).squeeze(-1))
+        if groups < h:  # shared heads: one W and one index for all heads
+            grad_member_weights = grad_member_weights.sum(1, keepdim=True)
+        grad_member_weights.mul_(valid)
         grad_intra = grad_members.mul_(member_weights.unsqueeze(-1))
-        grad_summaries = weights @ grad_out - grad_intra.sum(dim=-2)
-        if weights.shape[1] < h:  # shared heads: one W and one index for all heads
-            grad_weights = torch.einsum("bhcd,bhnd->bcn", summaries, grad_out).unsqueeze(1)
-            grad_member_weights, index = grad_member_weights.sum(1, keepdim=True), index[:, :1]
+        grad_summaries = grad_intra.sum(dim=-2).neg_()
+        grad_mix, grad_s = torch.empty_like(mix), torch.zeros_like(s)
+        for rows in row_chunks(b, n * nc):
+            m = rows.stop - rows.start
+            per_chunk = zip(s, grad_s, per_group(mix[rows], groups), per_group(grad_mix[rows], groups),
+                            group_summaries(summaries[rows], groups), per_group(grad_out[rows], groups),
+                            grad_summaries[rows].view(m, groups, -1, nc, d).unbind(1),
+                            slots[rows].unbind(1), grad_member_weights[rows].unbind(1))
+            for s_g, grad_s_g, mix_g, grad_mix_g, r, go, gr, slot, gmw in per_chunk:
+                weights = cluster_weights(mix_g, s_g)
+                grad_weights = torch.bmm(go, r.transpose(1, 2))
+                gr.add_(torch.bmm(weights.transpose(1, 2), go).view(m, nc, -1, d).transpose(1, 2))
+                grad_weights.view(m, -1).scatter_add_(-1, slot.flatten(1), gmw.flatten(1))
+                grad_logits = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
+                grad_logits = grad_logits.view(-1, nc)
+                mm_into(grad_logits, s_g, grad_mix_g.flatten(0, 1))
+                grad_s_g.addmm_(grad_logits.t(), mix_g.flatten(0, 1))
+        summaries_dtype, s_dtype, q_dtype = ctx.dtypes
+        grad_q = grad_k = grad_gates = None
+        if diff is None:  # mix = q
+            grad_q = grad_mix
         else:
-            grad_weights = summaries @ grad_out.transpose(-1, -2)
-        # Softmax backward over clusters, in place in g: W ⊙ g − W ⊙ Σ_c (W ⊙ g).
-        grad_logits = grad_weights.scatter_add_(-1, index, grad_member_weights).mul_(weights)
-        grad_logits.addcmul_(weights, grad_logits.sum(dim=-2, keepdim=True), value=-1)
-        logits_dtype, summaries_dtype = ctx.dtypes
-        return grad_logits.to(logits_dtype), grad_summaries.to(summaries_dtype), grad_intra, None, None
+            grad_gates = torch.einsum("...d,...d->...", grad_mix, diff).to(gates.dtype)
+            grad_q = grad_mix * gates.unsqueeze(-1)
+            grad_k = grad_mix.sub_(grad_q).to(q_dtype)
+        return (grad_summaries.to(summaries_dtype), grad_intra, grad_s.to(s_dtype), grad_q.to(q_dtype),
+                grad_k, grad_gates, None, None, None, None, None)
+
+
+def bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out ← a @ b (batched), written straight into the strided ``out`` in eager mode;
+    torch.compile refuses a strided out=, so there it is a copy."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.bmm(a, b))
+    else:
+        torch.bmm(a, b, out=out)
+
+
+def mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """Like :func:`bmm_into` for matrices."""
+    if torch.compiler.is_compiling():
+        out.copy_(a @ b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def softmax_over_clusters_(logits: Tensor) -> Tensor:
+    """softmax over dim 1 of (h', Nc, B, N), in place: contiguous passes, where torch's softmax
+    over a strided dimension is several times slower on the CPU."""
+    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=1, keepdim=True))
+
+
+def cluster_weights(mix: Tensor, s: Tensor) -> Tensor:
+    """W = softmax over clusters of the affinities of mix (m, N, d'), one group of heads, to its
+    surrogates s (Nc, d'): (m, N, Nc), token-major, so the softmax runs over contiguous rows."""
+    m, n, width = mix.shape
+    return torch.softmax(mix.flatten(0, 1) @ s.t(), dim=-1).view(m, n, -1)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cast.attention.cast import CASTAttention, combine, token_rows
+import cast.attention.cast as cast_module
+from cast.attention.cast import CASTAttention, combine, gather_tokens, token_rows
 from cast.attention.cast_clustering import Clusters
 from tests.attention.reference import LargestTensor, random_batch, softmax_attention
 
@@ -159,47 +160,72 @@ def loop_combine(logits, summaries, intra, index, valid):
 
 
 def combination_inputs(style, shared, b=2, h=3, nc=4, k=3, n=14, d=5, dtype=torch.float):
+    """q, k (B, N, h', d'), gates (B, N, h'), scaled surrogates (h', Nc, d'), summaries, intra and
+    clusters (B, h', Nc, κ), with h' = 1 and d' = h·d for shared heads."""
     gen = torch.Generator().manual_seed(0)
-    hw = 1 if shared else h
-    logits = torch.randn(b, hw, nc, n, generator=gen, dtype=dtype)
+    hw, width = (1, h * d) if shared else (h, d)
+    q, key = (torch.randn(b, n, hw, width, generator=gen, dtype=dtype) for _ in range(2))
+    gates = torch.rand(b, n, hw, generator=gen, dtype=dtype)
+    s = torch.randn(hw, nc, width, generator=gen, dtype=dtype)
     if style == "topk":  # distinct tokens per cluster, a token in several clusters or none
         index = torch.rand(b, hw, nc, n, generator=gen).argsort(-1)[..., :k]
     else:  # single assignment: disjoint clusters
         index = torch.rand(b, hw, n, generator=gen).argsort(-1)[..., : nc * k].view(b, hw, nc, k)
     valid = torch.rand(b, hw, nc, k, generator=gen) > 0.25
-    index, valid = index.expand(b, h, nc, k), valid.expand(b, h, nc, k)
     summaries = torch.randn(b, h, nc, d, generator=gen, dtype=dtype)
     intra = torch.randn(b, h, nc, k, d, generator=gen, dtype=dtype)
-    return logits, summaries, intra, Clusters(index, valid)
+    return q, key, gates, s, summaries, intra, Clusters(index, valid)
+
+
+def reference_logits(q, k, gates, s):
+    """The gated affinities A_g = g·A_q + (1 − g)·A_k, cluster-major (B, h', Nc, N)."""
+    a_q, a_k = (torch.einsum("bngw,gcw->bgcn", t, s) for t in (q, k))
+    if k is None:
+        return a_q
+    g = gates.permute(0, 2, 1).unsqueeze(2)
+    return g * a_q + (1 - g) * a_k
 
 
 @pytest.mark.parametrize("style", ["topk", "sa_topk"])
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("with_summaries", [True, False])
-def test_vectorised_combination_equals_the_per_token_loop(style, shared, with_summaries):
-    logits, summaries, intra, clusters = combination_inputs(style, shared)
+@pytest.mark.parametrize("query_only", [False, True])
+def test_vectorised_combination_equals_the_per_token_loop(style, shared, with_summaries, query_only,
+                                                          monkeypatch):
+    monkeypatch.setattr(cast_module, "CHUNK_ELEMENTS", 1)  # one batch row per pass: chunks must agree
+    q, k, gates, s, summaries, intra, clusters = combination_inputs(style, shared)
     summaries = summaries if with_summaries else None
-    expected = loop_combine(logits, summaries, intra, *clusters)
-    got = combine(logits, summaries, intra, clusters)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    if query_only:
+        k = gates = None
+        logits = torch.einsum("bngw,gcw->bgcn", q, s)
+    else:
+        logits = reference_logits(q, k, gates, s)
+    h = intra.shape[1]
+    index, valid = (t.expand(-1, h, -1, -1) for t in clusters)
+    expected = loop_combine(logits, summaries, intra, index, valid)
+    got = combine(summaries, intra, clusters, s, q, k, gates)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("style", ["topk", "sa_topk"])
-def test_combination_backward_matches_finite_differences(style, shared):
-    *tensors, clusters = combination_inputs(style, shared, b=1, h=2, nc=3, k=2, n=7, d=2,
+@pytest.mark.parametrize("chunk", [1, 2**20])
+def test_combination_backward_matches_finite_differences(style, shared, chunk, monkeypatch):
+    monkeypatch.setattr(cast_module, "CHUNK_ELEMENTS", chunk)
+    *tensors, clusters = combination_inputs(style, shared, b=2, h=2, nc=3, k=2, n=7, d=2,
                                             dtype=torch.double)
     tensors = tuple(t.requires_grad_(True) for t in tensors)
-    assert torch.autograd.gradcheck(lambda a, r, i: combine(a, r, i, clusters), tensors)
+    assert torch.autograd.gradcheck(
+        lambda q, k, g, s, r, i: combine(r, i, clusters, s, q, k, g), tensors)
+    q, _, _, s, r, i = tensors
+    assert torch.autograd.gradcheck(lambda q, s, r, i: combine(r, i, clusters, s, q), (q, s, r, i))
 
 
-def test_token_rows_address_both_layouts():
-    t = torch.randn(2, 3, 5, 4)  # (B, h, N, d)
+def test_token_rows_address_the_projection_layout():
+    t = torch.randn(2, 5, 3, 4)  # (B, N, h, d)
     index = torch.tensor([4, 0, 2]).expand(2, 3, 1, 3)
-    by_rows = t.reshape(-1, 4)[token_rows(index, 5, False).flatten()]
-    heads_inner = t.transpose(1, 2).contiguous().view(-1, 4)[token_rows(index, 5, True).flatten()]
-    expected = t[:, :, [4, 0, 2]].reshape(-1, 4)
-    assert torch.equal(by_rows, expected) and torch.equal(heads_inner, expected)
+    expected = t.transpose(1, 2)[:, :, [4, 0, 2]].reshape(-1, 4)
+    assert torch.equal(t.reshape(-1, 4)[token_rows(index, 5).flatten()], expected)
 
 
 @pytest.mark.parametrize("attn_fn", ["softmax", "laplace"])
@@ -210,12 +236,12 @@ def test_a_cluster_without_real_tokens_is_finite_and_never_read(attn_fn):
     out = module.attend_clusters(qc, kc, vc, valid)
     assert torch.isfinite(out).all() and (out[:, :, 2] != 0).any()
     # What the invalid slots hold, the empty cluster's among them, never reaches the output.
-    logits, summaries = torch.randn(1, 2, 3, 9), torch.randn(1, 2, 3, 8)
+    q, s, summaries = torch.randn(1, 9, 2, 8), torch.randn(2, 3, 8), torch.randn(1, 2, 3, 8)
     clusters = Clusters(torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 0, 2, 4]]).expand(1, 2, 3, 4), valid)
     garbage = out.masked_fill(~valid.unsqueeze(-1), 1e6)
     zeros = out.masked_fill(~valid.unsqueeze(-1), 0.0)
-    torch.testing.assert_close(combine(logits, summaries, garbage, clusters),
-                               combine(logits, summaries, zeros, clusters))
+    torch.testing.assert_close(combine(summaries, garbage, clusters, s, q),
+                               combine(summaries, zeros, clusters, s, q))
 
 
 def test_single_real_token_with_single_assignment_leaves_clusters_empty_without_nan():
@@ -308,3 +334,22 @@ def test_config_lists_every_option_with_its_default_and_takes_num_clusters_from_
     assert per_task.attention.num_clusters == 8
     per_task.merge_with(OmegaConf.from_dotlist(["attention.num_clusters=64"]))
     assert per_task.attention.num_clusters == 64
+
+
+@pytest.mark.parametrize("layout", ["cluster-major", "slot-major"])
+def test_gathered_members_scatter_their_gradient_back_from_either_layout(layout):
+    """SDPA's CPU backward returns (B, h, κ, Nc, d)-major gradients; both layouts must land on the
+    rows they were gathered from, a token picked twice receiving both shares."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 7, 3, 4, generator=gen, dtype=torch.double, requires_grad=True)  # (B, N, h, d)
+    index = torch.randint(0, 7, (2, 3, 5, 2), generator=gen)  # (B, h, Nc, κ), repeats included
+    grad = torch.randn(2, 3, 5, 2, 4, generator=gen, dtype=torch.double)
+    if layout == "slot-major":
+        grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
+        assert not grad.is_contiguous()
+    gather_tokens(t, index).backward(grad)
+    reference = t.detach().clone().requires_grad_(True)
+    heads = torch.arange(3).view(1, 3, 1, 1)
+    batch = torch.arange(2).view(2, 1, 1, 1)
+    reference[batch, index, heads].backward(grad)
+    torch.testing.assert_close(t.grad, reference.grad)

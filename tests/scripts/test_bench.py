@@ -12,6 +12,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Bench workers import this module afresh; the environment tells them whose process is the test's.
 TEST_PID = int(os.environ.setdefault("BENCH_TEST_PID", str(os.getpid())))
 TINY = ["--device", "cpu", "--lengths", "64,128", "--batch", "1", "--heads", "2", "--head-dim", "8", "--repeats", "1",
-        "--threads", "1", "--min-time-ms", "5"]
+        "--threads", "1", "--min-time-ms", "5", "--system-malloc"]
 
 spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
 bench = importlib.util.module_from_spec(spec)
@@ -156,6 +158,7 @@ def test_quick_run_draws_a_valid_png_and_a_markdown_table(quick_run):
     assert "| mechanism | speed 64 | speed 128 | memory 64 (MB) | memory 128 (MB) |" in text
     assert "| failing | error | error |" in text and "| hungry | OOM | skipped |" in text
     assert "duration:" in text and "deliberately broken" in text
+    assert "- CPU malloc: the system's default (--system-malloc)" in text
 
 
 def test_model_mode_times_a_text_model_training_step_whose_memory_holds_its_gradients(tmp_path):
@@ -175,6 +178,30 @@ def test_a_worker_killed_mid_run_costs_only_its_job(configs):
     results = cpu_peaks(jobs, "layer", Shape(1, 2, 8), configs, threads=1)
     assert [results[job]["status"] for job in jobs] == ["oom (killed by signal 9)", SKIPPED, "ok"]
     assert results[vanilla, 64]["peak_mem_mb"] >= 0
+
+
+KEEP_PROBE = """
+import sys, torch
+from cast.benchmark import _proc_kb, keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest default mmap threshold
+before = _proc_kb("VmRSS")
+del block
+print(kept, (before - _proc_kb("VmRSS")) / 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists() or os.uname().sysname != "Linux",
+                    reason="glibc and /proc only")
+@pytest.mark.parametrize("mode", ["keep", "system"])
+def test_timing_keeps_freed_memory_for_reuse_unless_told_otherwise(mode):
+    out = subprocess.run([sys.executable, "-c", KEEP_PROBE, mode], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.split()
+    kept, returned_mb = out[0] == "True", float(out[1])
+    if mode == "keep":
+        assert kept and returned_mb < 8, "a freed block must stay with the process for the next step"
+    else:
+        assert returned_mb > 56, "glibc's default hands a freed 64 MiB block back to the OS"
 
 
 def test_cpu_peak_counts_a_known_allocation_every_time():
