@@ -94,6 +94,25 @@ class EpochShuffleSampler(DistributedSampler):
         return iter(shard)
 
 
+class ShardSampler(DistributedSampler):
+    """Evaluation rows split over ranks without padding: rank r takes rows r, r + world, r +
+    2·world, ..., so every row is counted exactly once. Lightning's own DistributedSampler would
+    repeat rows to even out the shards, counting a few of them twice in val/test accuracy; being
+    a DistributedSampler, this one is left in place. Shards differ by at most one row, which is
+    harmless in evaluation: no collective runs per batch, and the accuracy's counts are summed
+    over ranks once at the end."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.n = n
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+
 def compact_dtype(vocab_size: int) -> torch.dtype:
     """The smallest integer dtype that holds ids 0..vocab_size-1."""
     return torch.uint8 if vocab_size <= 256 else torch.int16 if vocab_size <= 32768 else torch.long
@@ -259,11 +278,13 @@ class LRADataModule(L.LightningDataModule):
         if split not in self.splits:
             self.setup()
         dataset = TensorDictDataset(self.splits[split], self.batch_transform)
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = None
         if shuffle:
-            trainer = getattr(self, "trainer", None)
-            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
             sampler = EpochShuffleSampler(len(dataset), self.seed, self._resume, num_replicas=world, rank=rank)
+        elif world > 1:
+            sampler = ShardSampler(len(dataset), num_replicas=world, rank=rank)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,

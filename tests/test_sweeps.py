@@ -200,19 +200,33 @@ def test_optuna_trials_are_runs_and_the_best_value_is_theirs(listops_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_ddp_run_writes_one_run_directory(listops_dir, tmp_path):
-    """Two CPU ranks (gloo) from the default run-dir pattern: rank 1 joins rank 0's directory."""
+def test_ddp_run_writes_one_run_directory_and_tests_every_row_once(tmp_path):
+    """Two CPU ranks (gloo) from the default run-dir pattern: rank 1 joins rank 0's directory.
+    The test split has an odd number of rows, which Lightning's distributed sampler would pad
+    with a repeated row; the run's own test accuracy must equal eval.py's on one device."""
+    from tasks.listops_generator import write_release
+
+    data = tmp_path / "listops"
+    write_release(data, {"train": 96, "val": 31, "test": 47}, seed=1, min_length=8, max_length=60,
+                  max_depth=4, workers=1, progress=False)
+    work = tmp_path / "work"
+    work.mkdir()
     try:
-        done = run(str(ROOT / "train.py"), *tiny(listops_dir), "attention=vanilla", "+trainer.strategy=ddp",
-                   "trainer.devices=2", cwd=tmp_path, timeout=120)
+        done = run(str(ROOT / "train.py"), *tiny(data), "attention=vanilla", "+trainer.strategy=ddp",
+                   "trainer.devices=2", cwd=work, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.skip("a 2-process CPU DDP run took over 120 s on this machine")
     assert done.returncode == 0, done.stderr[-3000:]
-    run_dirs = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    run_dirs = list((work / "outputs" / "runs").glob("*/*"))
     assert len(run_dirs) == 1, run_dirs
-    assert [p.parent for p in tmp_path.rglob("results.json")] == run_dirs
+    assert [p.parent for p in work.rglob("results.json")] == run_dirs
     assert (run_dirs[0] / "train_ddp_process_1.log").exists()  # rank 1 ran, in the same directory
-    assert json.loads((run_dirs[0] / "results.json").read_text())["status"] == "ok"
+    results = json.loads((run_dirs[0] / "results.json").read_text())
+    assert results["status"] == "ok"
+    evaluated = run(str(ROOT / "eval.py"), f"run_dir={run_dirs[0]}", cwd=work, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    exact = json.loads((run_dirs[0] / "eval.json").read_text())["acc"]
+    assert results["test_acc"] == pytest.approx(exact, abs=1e-6)
 
 
 @pytest.mark.slow

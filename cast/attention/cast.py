@@ -107,13 +107,18 @@ class CASTAttention(Attention):
         groups = 1 if self.shared_heads else self.n_heads  # h'
         # The projections as (B, N, D): every view below reads them in place, no head split copy.
         q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q_groups, k_groups = q.view(b, n, groups, -1), k.view(b, n, groups, -1)  # (B, N, h', d')
         gates = torch.sigmoid(self.gate(x))  # (B, N, h')
         s = self.affinity_weights()
-        with torch.no_grad():  # _Combine's backward routes the gradient of mix to q, k and gates
-            diff = q_groups - k_groups
-            mix = torch.addcmul(k_groups, diff, gates.unsqueeze(-1))
-            logits, clusters = self.cluster(mix, s, mask)
+        q_groups, k_groups = q.view(b, n, groups, -1), k.view(b, n, groups, -1)  # (B, N, h', d')
+        if self.combine_with == "affinity":
+            mix = gated_mix(q_groups, k_groups, gates)
+            weigh_by = mix
+        else:  # the query affinity weighs the clusters; the gate only steers the clustering
+            with torch.no_grad():
+                mix = gated_mix(q_groups, k_groups, gates)
+            weigh_by = q_groups
+        clusters = self.cluster(mix.detach(), s, mask)
+        del mix, q_groups, k_groups
         if self.record:
             self.remember(clusters, gates.transpose(1, 2), b)
         index = clusters.index.expand(b, self.n_heads, *clusters.index.shape[2:])
@@ -121,24 +126,22 @@ class CASTAttention(Attention):
         q, k, v = (t.view(b, n, self.n_heads, self.d_head) for t in (q, k, v))  # (B, N, h, d)
         qc, kc, vc = (gather_tokens(t, index) for t in (q, k, v))
         summaries = self.summarise(k, v, kc, vc, mask, Clusters(index, valid))
+        # Only the gathered copies (and mix) are read from here on: dropping q, k, v lowers the
+        # peak memory of the pass by what they hold.
+        del q, k, v
         intra = self.attend_clusters(qc, kc, vc, valid)
-        if self.combine_with == "affinity":
-            mixed = combine(summaries, intra, clusters, s, q_groups, k_groups, gates, mix, diff, logits)
-        else:  # the query affinity weighs the clusters; the gate only steers the clustering
-            del mix, diff, logits
-            mixed = combine(summaries, intra, clusters, s, q_groups)
-        return self.output(mixed.transpose(1, 2), mask)
+        return self.output(combine(summaries, intra, clusters, s, weigh_by).transpose(1, 2), mask)
 
-    def cluster(self, mix: Tensor, s: Tensor, mask: Tensor) -> tuple[Tensor, Clusters]:
-        """The affinities of mix (B, N, h', d') to the scaled surrogates s (h', Nc, d'), stored
-        (h', Nc, B, N) with padded tokens at the lowest value, and the clusters from them (index
-        and valid, (B, h', Nc, κ)); no gradient."""
+    @torch.no_grad()
+    def cluster(self, mix: Tensor, s: Tensor, mask: Tensor) -> Clusters:
+        """Clusters (index and valid, (B, h', Nc, κ)) from the affinities of mix (B, N, h', d') to
+        the scaled surrogates s (h', Nc, d'); no gradient."""
         b, n = mix.shape[:2]
-        scores = cluster_scores(mix, s)
+        scores = cluster_scores(mix, s)  # (h', Nc, B, N)
         scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
         cluster_fn = topk_clusters if self.clustering == "topk" else sa_topk_clusters
         index, valid = cluster_fn(scores.permute(2, 0, 1, 3), mask.unsqueeze(1), self.size_for(n))
-        return scores, Clusters(index.contiguous(), valid.contiguous())
+        return Clusters(index.contiguous(), valid.contiguous())
 
     def affinity_weights(self) -> Tensor:
         """The scaled surrogates as (h', Nc, d') for the token affinities of :meth:`cluster` and
@@ -258,26 +261,48 @@ def cluster_scores(t: Tensor, s: Tensor) -> Tensor:
     return torch.bmm(s.to(t.dtype), t.view(b * n, groups, width).permute(1, 2, 0)).view(groups, -1, b, n)
 
 
-def combine(summaries: Tensor | None, intra: Tensor, clusters: Clusters, s: Tensor, q: Tensor,
-            k: Tensor | None = None, gates: Tensor | None = None, mix: Tensor | None = None,
-            diff: Tensor | None = None, logits: Tensor | None = None) -> Tensor:
-    """O_i = Σ_c W[i, c] · (intra_c(i) if i is a member of c else R_c), W = softmax over clusters
-    of the affinities of mix = k + g·(q − k) to the scaled surrogates s (h', Nc, d').
+def gated_mix(q: Tensor, k: Tensor, gates: Tensor) -> Tensor:
+    """mix = k + g·(q − k) for q, k (B, N, h', d') and gates (B, N, h'); its affinities are
+    g·A_q + (1 − g)·A_k."""
+    return _Mix.apply(q, k, gates)
 
-    q, k (B, N, h', d') and gates (B, N, h'); without k and gates, mix = q (``combine_with:
-    query``). mix, diff = q − k and the affinities ``logits`` (h', Nc, B, N), which this call
-    overwrites, may be passed when already computed. summaries (B, h, Nc, d) or None (R = 0);
-    intra (B, h, Nc, κ, d); clusters.index/valid (B, h', Nc, κ). Returns (B, N, h, d). Never
-    N×N, and no (B, h', N, Nc) tensor outlives the call (see _Combine).
+
+class _Mix(torch.autograd.Function):
+    """k + g·(q − k), keeping only q − k and g for the backward pass (lerp keeps q and k), whose
+    gradients come in three passes: g·grad, grad − g·grad, and Σ_d grad·(q − k)."""
+
+    @staticmethod
+    def forward(ctx, q, k, gates):
+        diff = q - k
+        ctx.save_for_backward(diff, gates)
+        return torch.addcmul(k, diff, gates.unsqueeze(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        diff, gates = ctx.saved_tensors
+        grad_q = grad * gates.unsqueeze(-1)
+        grad_gates = torch.einsum("...d,...d->...", grad, diff)
+        return grad_q, grad - grad_q, grad_gates
+
+
+def combine(summaries: Tensor | None, intra: Tensor, clusters: Clusters, s: Tensor, mix: Tensor) -> Tensor:
+    """O_i = Σ_c W[i, c] · (intra_c(i) if i is a member of c else R_c), W = softmax over clusters
+    of the affinities of mix (B, N, h', d') to the scaled surrogates s (h', Nc, d').
+
+    summaries (B, h, Nc, d) or None (R = 0); intra (B, h, Nc, κ, d); clusters.index/valid
+    (B, h', Nc, κ). Returns (B, N, h, d). Never N×N, and no (B, h', N, Nc) tensor is held whole
+    (see _Combine).
     """
     if summaries is None:
         summaries = intra.new_zeros(*intra.shape[:3], intra.shape[-1])
-    with torch.no_grad():
-        if mix is None:
-            diff = None if k is None else q - k
-            mix = q.detach() if k is None else torch.addcmul(k, diff, gates.unsqueeze(-1))
-        logits = cluster_scores(mix, s) if logits is None else logits
-    return _Combine.apply(summaries, intra, s, q, k, gates, mix, diff, logits, clusters.index, clusters.valid)
+    return _Combine.apply(summaries, intra, s, mix, clusters.index, clusters.valid)
+
+
+def cluster_scores(t: Tensor, s: Tensor) -> Tensor:
+    """Affinities of t (B, N, h', d') to s (h', Nc, d'), stored (h', Nc, B, N): one bmm over a
+    strided (h', d', B·N) view of t, no transposed copy."""
+    b, n, groups, width = t.shape
+    return torch.bmm(s.to(t.dtype), t.view(b * n, groups, width).permute(1, 2, 0)).view(groups, -1, b, n)
 
 
 # Batch rows per pass of _Combine: its (rows·N, Nc) affinities and weights of one group of heads
@@ -316,30 +341,32 @@ class _Combine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, summaries, intra, s, q, k, gates, mix, diff, logits, index, valid):
+    def forward(ctx, summaries, intra, s, mix, index, valid):
         b, h, nc, size, d = intra.shape
         n, groups = mix.shape[1], mix.shape[2]
-        ctx.dtypes = summaries.dtype, s.dtype, q.dtype
+        ctx.dtypes = summaries.dtype, s.dtype, mix.dtype
         with torch.autocast(intra.device.type, enabled=False):
             s, mix, summaries = s.to(intra.dtype), mix.to(intra.dtype), summaries.to(intra.dtype)
-            # The forward pass reuses the clustering's affinities (h', Nc, B, N): their softmax
-            # over clusters in place, then per group of heads one bmm over the strided W.
-            weights = softmax_over_clusters_(logits.to(intra.dtype))
-            out = intra.new_empty(b, n, h, d)
-            for w, r, o in zip(weights, group_summaries(summaries, groups), per_group(out, groups)):
-                bmm_into(w.permute(1, 2, 0), r, o)
-            member_weights = weights.permute(2, 0, 1, 3).gather(-1, index).mul_(valid)
-            del weights
             slots = index * nc + torch.arange(nc, device=index.device).view(nc, 1)
+            out = intra.new_empty(b, n, h, d)
+            member_weights = intra.new_empty(index.shape)
+            for rows in row_chunks(b, n * nc):
+                per_chunk = zip(s, per_group(mix[rows], groups), group_summaries(summaries[rows], groups),
+                                per_group(out[rows], groups), slots[rows].unbind(1), member_weights[rows].unbind(1))
+                for s_g, mix_g, r, o, slot, picked in per_chunk:
+                    weights = cluster_weights(mix_g, s_g)  # (m, N, Nc)
+                    bmm_into(weights, r, o)
+                    picked.copy_(weights.view(len(weights), -1).gather(-1, slot.flatten(1)).view_as(picked))
+            member_weights.mul_(valid)
             rows_all = token_rows(index.expand(b, h, nc, size), n).reshape(-1)
-            contrib = member_weights.unsqueeze(-1) * (intra - summaries.unsqueeze(-2))
+            contrib = (intra - summaries.unsqueeze(-2)).mul_(member_weights.unsqueeze(-1))
             out.view(-1, d).index_add_(0, rows_all, contrib.view(-1, d))
-        ctx.save_for_backward(summaries, intra, s, gates, mix, diff, slots, valid, member_weights, rows_all)
+        ctx.save_for_backward(summaries, intra, s, mix, slots, valid, member_weights, rows_all)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        summaries, intra, s, gates, mix, diff, slots, valid, member_weights, rows_all = ctx.saved_tensors
+        summaries, intra, s, mix, slots, valid, member_weights, rows_all = ctx.saved_tensors
         b, h, nc, size, d = intra.shape
         n, groups = mix.shape[1], mix.shape[2]
         grad_out = grad_out.to(intra.dtype).contiguous()
@@ -368,16 +395,9 @@ class _Combine(torch.autograd.Function):
                 grad_logits = grad_logits.view(-1, nc)
                 mm_into(grad_logits, s_g, grad_mix_g.flatten(0, 1))
                 grad_s_g.addmm_(grad_logits.t(), mix_g.flatten(0, 1))
-        summaries_dtype, s_dtype, q_dtype = ctx.dtypes
-        grad_q = grad_k = grad_gates = None
-        if diff is None:  # mix = q
-            grad_q = grad_mix
-        else:
-            grad_gates = torch.einsum("...d,...d->...", grad_mix, diff).to(gates.dtype)
-            grad_q = grad_mix * gates.unsqueeze(-1)
-            grad_k = grad_mix.sub_(grad_q).to(q_dtype)
-        return (grad_summaries.to(summaries_dtype), grad_intra, grad_s.to(s_dtype), grad_q.to(q_dtype),
-                grad_k, grad_gates, None, None, None, None, None)
+        summaries_dtype, s_dtype, mix_dtype = ctx.dtypes
+        return (grad_summaries.to(summaries_dtype), grad_intra, grad_s.to(s_dtype), grad_mix.to(mix_dtype),
+                None, None)
 
 
 def bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -395,13 +415,6 @@ def mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
         out.copy_(a @ b)
     else:
         torch.mm(a, b, out=out)
-
-
-def softmax_over_clusters_(logits: Tensor) -> Tensor:
-    """softmax over dim 1 of (h', Nc, B, N), in place: contiguous passes, where torch's softmax
-    over a strided dimension is several times slower on the CPU."""
-    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
 def cluster_weights(mix: Tensor, s: Tensor) -> Tensor:

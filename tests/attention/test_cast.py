@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import cast.attention.cast as cast_module
-from cast.attention.cast import CASTAttention, combine, gather_tokens, token_rows
+from cast.attention.cast import CASTAttention, combine, gated_mix, gather_tokens, token_rows
 from cast.attention.cast_clustering import Clusters
 from tests.attention.reference import LargestTensor, random_batch, softmax_attention
 
@@ -197,13 +197,13 @@ def test_vectorised_combination_equals_the_per_token_loop(style, shared, with_su
     summaries = summaries if with_summaries else None
     if query_only:
         k = gates = None
-        logits = torch.einsum("bngw,gcw->bgcn", q, s)
+        logits, mix = torch.einsum("bngw,gcw->bgcn", q, s), q
     else:
-        logits = reference_logits(q, k, gates, s)
+        logits, mix = reference_logits(q, k, gates, s), gated_mix(q, k, gates)
     h = intra.shape[1]
     index, valid = (t.expand(-1, h, -1, -1) for t in clusters)
     expected = loop_combine(logits, summaries, intra, index, valid)
-    got = combine(summaries, intra, clusters, s, q, k, gates)
+    got = combine(summaries, intra, clusters, s, mix)
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
@@ -216,7 +216,7 @@ def test_combination_backward_matches_finite_differences(style, shared, chunk, m
                                             dtype=torch.double)
     tensors = tuple(t.requires_grad_(True) for t in tensors)
     assert torch.autograd.gradcheck(
-        lambda q, k, g, s, r, i: combine(r, i, clusters, s, q, k, g), tensors)
+        lambda q, k, g, s, r, i: combine(r, i, clusters, s, gated_mix(q, k, g)), tensors)
     q, _, _, s, r, i = tensors
     assert torch.autograd.gradcheck(lambda q, s, r, i: combine(r, i, clusters, s, q), (q, s, r, i))
 

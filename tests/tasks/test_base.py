@@ -92,3 +92,19 @@ def test_one_process_resume_matches_the_uninterrupted_epoch(tmp_path):
     resumed = Rows(10, 3, tmp_path)
     resumed.load_state_dict({"epoch": 0, "samples_done": 3})
     assert epoch_batches(resumed, 0) == straight[1:]
+
+
+def test_evaluation_under_ranks_counts_every_row_exactly_once(tmp_path):
+    """Lightning's DistributedSampler pads val/test shards by repeating rows; ours never does."""
+    rows = {}
+    for rank in (0, 1, 2):
+        dm = Rows(11, 2, tmp_path)
+        dm.eval_batch_size = 2
+        dm.trainer = fake_trainer(3, rank)
+        for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+            assert isinstance(loader.sampler, DistributedSampler)  # left in place by Lightning
+            rows.setdefault(split, []).extend(i for b in loader for i in b["input_ids"][:, 0].tolist())
+    for split in ("val", "test"):
+        assert sorted(rows[split]) == list(range(11)), split
+    single = Rows(11, 2, tmp_path)
+    assert single.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"
