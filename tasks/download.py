@@ -220,6 +220,20 @@ def hub_split_tables(data_dir: Path, split: str, columns: list[str]):
     return [(str(p), pq.read_table(p, columns=columns)) for p in _parquet_files(data_dir, split)]
 
 
+def require_hub_tables(data_dir: Path, split: str, columns: list[str], task: str, dataset: str,
+                       hub_name: str):
+    """:func:`hub_split_tables`, or a DataNotFoundError that names the folder, the command that
+    downloads the data and the hub page whose parquet files would do."""
+    tables = hub_split_tables(data_dir, split, columns)
+    if not tables:
+        raise DataNotFoundError(
+            f"{task.capitalize()}: no {dataset} '{split}' split under {data_dir}. Download it with\n"
+            f"    python scripts/prepare_data.py {task} --out {data_dir}\n"
+            f"or put the parquet files of https://huggingface.co/datasets/{hub_name} there."
+        )
+    return tables
+
+
 def fetch_hub(name: str, out: Path, keep_cache: bool = False) -> Path:
     """``datasets.load_dataset(name)`` into ``out/hf_dataset`` (save_to_disk); returns that folder."""
     target = out / "hf_dataset"

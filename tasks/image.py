@@ -30,8 +30,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from tasks.base import DataFormatError, DataNotFoundError, LRADataModule
-from tasks.download import add_source_arguments, hub_split_files, hub_split_tables, prepare_source, tfds_files, tfds_pairs
+from tasks.base import DataFormatError, LRADataModule
+from tasks.download import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
+                            tfds_files, tfds_pairs)
 from tasks.text import SOURCES, check_labels
 
 HUB_NAME = "uoft-cs/cifar10"
@@ -92,13 +93,7 @@ class ImageDataModule(LRADataModule):
             pairs = tfds_pairs(self.data_dir, TFDS_NAME, split, self.name)
             labels = check_labels([label for _, label in pairs], self.num_classes, f"tfds {TFDS_NAME}")
             return np.stack([image for image, _ in pairs]).astype(np.uint8), labels
-        tables = hub_split_tables(self.data_dir, split, ["img", "label"])
-        if not tables:
-            raise DataNotFoundError(
-                f"Image: no CIFAR-10 '{split}' split under {self.data_dir}. Download it with\n"
-                f"    python scripts/prepare_data.py image --out {self.data_dir}\n"
-                f"or put the parquet files of https://huggingface.co/datasets/{HUB_NAME} there."
-            )
+        tables = require_hub_tables(self.data_dir, split, ["img", "label"], self.name, "CIFAR-10", HUB_NAME)
         images, labels = [], []
         for source, table in tables:
             images += [decode_png(cell, source, row) for row, cell in enumerate(table.column("img").to_pylist())]

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import DataFormatError, DataNotFoundError, LRADataModule
-from tasks.download import add_source_arguments, hub_split_files, hub_split_tables, prepare_source, tfds_files, tfds_pairs
+from tasks.base import DataFormatError, LRADataModule
+from tasks.download import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
+                            tfds_files, tfds_pairs)
 
 HUB_NAME = "stanfordnlp/imdb"
 TFDS_NAME = "imdb_reviews"
@@ -99,13 +100,7 @@ class TextDataModule(LRADataModule):
             pairs = tfds_pairs(self.data_dir, TFDS_NAME, split, self.name)
             labels = check_labels([label for _, label in pairs], self.num_classes, f"tfds {TFDS_NAME}")
             return [bytes(text) for text, _ in pairs], labels
-        tables = hub_split_tables(self.data_dir, split, ["text", "label"])
-        if not tables:
-            raise DataNotFoundError(
-                f"Text: no IMDb '{split}' split under {self.data_dir}. Download it with\n"
-                f"    python scripts/prepare_data.py text --out {self.data_dir}\n"
-                f"or put the parquet files of https://huggingface.co/datasets/{HUB_NAME} there."
-            )
+        tables = require_hub_tables(self.data_dir, split, ["text", "label"], self.name, "IMDb", HUB_NAME)
         texts, labels = [], []
         for source, table in tables:
             column = table.column("text").to_pylist()

@@ -113,7 +113,8 @@ def test_a_replaced_or_added_parquet_file_rebuilds_the_cache(parquet_dir):
 
 
 def test_missing_data_names_the_command(tmp_path):
-    with pytest.raises(DataNotFoundError, match="prepare_data.py text --out"):
+    with pytest.raises(DataNotFoundError, match="(?s)Text: no IMDb 'train' split under .*"
+                       "prepare_data.py text --out .*huggingface.co/datasets/"):
         TextDataModule(str(tmp_path / "nowhere"), max_length=8).setup()
 
 
