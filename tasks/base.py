@@ -131,15 +131,30 @@ def find_path(root: str | Path, relative: str) -> Path | None:
     """Find ``relative`` (e.g. ``listops-1000/basic_train.tsv``) at any depth below ``root``.
 
     Archives unpack with varying nesting (``lra_release/lra_release/...``); the shallowest match
-    wins, ties broken by name so the choice is stable.
+    wins, ties broken by name so the choice is stable. The search goes level by level and stops
+    at the first level that holds a match, so it never lists what lies deeper: a Pathfinder
+    folder one level down is found without walking its million images.
     """
     root = Path(root)
     if (root / relative).exists():
         return root / relative
-    if not root.is_dir():
-        return None
-    matches = sorted(root.rglob(relative), key=lambda p: (len(p.parts), str(p)))
-    return matches[0] if matches else None
+    level, seen = [root] if root.is_dir() else [], set()
+    while level:
+        hits = sorted(str(p / relative) for p in level if (p / relative).exists())
+        if hits:
+            return Path(hits[0])
+        deeper = []
+        for folder in level:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue  # unreadable: nothing to find there
+            for entry in entries:
+                if entry.is_dir() and (real := os.path.realpath(entry.path)) not in seen:
+                    seen.add(real)  # a symlink back up the tree is followed once
+                    deeper.append(Path(entry.path))
+        level = sorted(deeper)
+    return None
 
 
 def atomic_save(obj, path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -108,3 +110,21 @@ def test_evaluation_under_ranks_counts_every_row_exactly_once(tmp_path):
         assert sorted(rows[split]) == list(range(11)), split
     single = Rows(11, 2, tmp_path)
     assert single.val_dataloader().sampler.__class__.__name__ == "SequentialSampler"
+
+
+def test_find_path_takes_the_shallowest_match_and_never_lists_below_its_level(tmp_path, monkeypatch):
+    from tasks import base
+
+    for folder in ("b/x/data", "a/x/data", "c/deep/x/data", "a/x/data/imgs/0"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "b" / "x" / "data" / "f.txt").write_text("")
+    listed = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(base.os, "scandir", lambda p: listed.append(Path(p)) or real_scandir(p))
+    assert base.find_path(tmp_path, "x/data") == tmp_path / "a" / "x" / "data"  # ties go by name
+    assert tmp_path / "a" / "x" / "data" not in listed and tmp_path / "c" / "deep" not in listed
+    assert base.find_path(tmp_path, "x/data/f.txt") == tmp_path / "b" / "x" / "data" / "f.txt"
+    assert base.find_path(tmp_path, "deep/x") == tmp_path / "c" / "deep" / "x"
+    assert base.find_path(tmp_path, "nowhere") is None
+    (tmp_path / "c" / "loop").symlink_to(tmp_path)  # a cycle must not hang the search
+    assert base.find_path(tmp_path, "nowhere") is None
