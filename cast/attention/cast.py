@@ -117,7 +117,7 @@ class CASTAttention(Attention):
             with torch.no_grad():
                 mix = gated_mix(q_groups, k_groups, gates)
             weigh_by = q_groups
-        clusters = self.cluster(mix.detach(), s, mask)
+        clusters = self.cluster(mix, s, mask)
         del mix, q_groups, k_groups
         if self.record:
             self.remember(clusters, gates.transpose(1, 2), b)
@@ -144,18 +144,17 @@ class CASTAttention(Attention):
         return Clusters(index.contiguous(), valid.contiguous())
 
     def affinity_weights(self) -> Tensor:
-        """The scaled surrogates as (h', Nc, d') for the token affinities of :meth:`cluster` and
-        :func:`combine`: (h, Nc, d) per head, (1, Nc, D) with ``shared_heads``."""
+        """S / sqrt(width) as (h', Nc, d') for the token affinities of :meth:`cluster` and
+        :func:`combine`: (h, Nc, d) per head, (1, Nc, D) with ``shared_heads``; scaling the few
+        surrogates is cheaper than the N·Nc scores."""
         if self.shared_heads:
             return (self.surrogates / math.sqrt(self.qkv_dim)).unsqueeze(0)
         return self.surrogates / math.sqrt(self.d_head)
 
     def scaled_surrogates(self) -> Tensor:
-        """S / sqrt(width) as (h, Nc, d): scaling the few surrogates is cheaper than N·Nc scores."""
-        if self.shared_heads:
-            s = self.surrogates.view(self.num_clusters, self.n_heads, self.d_head).transpose(0, 1)
-            return s / math.sqrt(self.qkv_dim)
-        return self.surrogates / math.sqrt(self.d_head)
+        """:meth:`affinity_weights` per head, (h, Nc, d), shared ones split along D."""
+        s = self.affinity_weights()
+        return s[0].view(self.num_clusters, self.n_heads, self.d_head).transpose(0, 1) if self.shared_heads else s
 
     def affinity(self, t: Tensor) -> Tensor:
         """Scaled similarity of every token of t (B, h, N, d) to every surrogate: (B, h', Nc, N)."""
@@ -254,13 +253,6 @@ class _Gather(torch.autograd.Function):
         return out, None
 
 
-def cluster_scores(t: Tensor, s: Tensor) -> Tensor:
-    """Affinities of t (B, N, h', d') to s (h', Nc, d'), stored (h', Nc, B, N): one bmm over a
-    strided (h', d', B·N) view of t, no transposed copy."""
-    b, n, groups, width = t.shape
-    return torch.bmm(s.to(t.dtype), t.view(b * n, groups, width).permute(1, 2, 0)).view(groups, -1, b, n)
-
-
 def gated_mix(q: Tensor, k: Tensor, gates: Tensor) -> Tensor:
     """mix = k + g·(q − k) for q, k (B, N, h', d') and gates (B, N, h'); its affinities are
     g·A_q + (1 − g)·A_k."""
@@ -355,7 +347,7 @@ class _Combine(torch.autograd.Function):
                                 per_group(out[rows], groups), slots[rows].unbind(1), member_weights[rows].unbind(1))
                 for s_g, mix_g, r, o, slot, picked in per_chunk:
                     weights = cluster_weights(mix_g, s_g)  # (m, N, Nc)
-                    bmm_into(weights, r, o)
+                    matmul_into(weights, r, o)
                     picked.copy_(weights.view(len(weights), -1).gather(-1, slot.flatten(1)).view_as(picked))
             member_weights.mul_(valid)
             rows_all = token_rows(index.expand(b, h, nc, size), n).reshape(-1)
@@ -393,28 +385,20 @@ class _Combine(torch.autograd.Function):
                 grad_weights.view(m, -1).scatter_add_(-1, slot.flatten(1), gmw.flatten(1))
                 grad_logits = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)
                 grad_logits = grad_logits.view(-1, nc)
-                mm_into(grad_logits, s_g, grad_mix_g.flatten(0, 1))
+                matmul_into(grad_logits, s_g, grad_mix_g.flatten(0, 1))
                 grad_s_g.addmm_(grad_logits.t(), mix_g.flatten(0, 1))
         summaries_dtype, s_dtype, mix_dtype = ctx.dtypes
         return (grad_summaries.to(summaries_dtype), grad_intra, grad_s.to(s_dtype), grad_mix.to(mix_dtype),
                 None, None)
 
 
-def bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """out ← a @ b (batched), written straight into the strided ``out`` in eager mode;
-    torch.compile refuses a strided out=, so there it is a copy."""
-    if torch.compiler.is_compiling():
-        out.copy_(torch.bmm(a, b))
-    else:
-        torch.bmm(a, b, out=out)
-
-
-def mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
-    """Like :func:`bmm_into` for matrices."""
+def matmul_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out ← a @ b (matrices or batches of them), written straight into the strided ``out`` in
+    eager mode; torch.compile refuses a strided out=, so there it is a copy."""
     if torch.compiler.is_compiling():
         out.copy_(a @ b)
     else:
-        torch.mm(a, b, out=out)
+        (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out=out)
 
 
 def cluster_weights(mix: Tensor, s: Tensor) -> Tensor:
