@@ -217,8 +217,8 @@ def keep_freed_memory() -> bool:
     when it is freed and trims the heap's free top, so a step that allocates tensors of tens of
     MB page-faults them in anew on every step. Timing then measures the kernel's page zeroing as
     much as the mechanism: CAST's 16K layer step (Nc = κ = 128) on 2 cores took 0.89 s that way
-    and 0.62 s with freed memory kept (vanilla 8.7 s either way). Used for timing only; peak memory is measured
-    in the worker processes with their own setting (module docstring).
+    and 0.62 s with freed memory kept (vanilla 8.7 s either way). Used for timing only; peak
+    memory is measured in the worker processes with their own setting (module docstring).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

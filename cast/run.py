@@ -207,8 +207,8 @@ def load_run(run_dir: str | Path, data_root: str | None = None, ckpt_path: str |
 def eval_trainer(trainer_cfg: DictConfig, root: Path) -> L.Trainer:
     """The run's trainer settings (accelerator, precision, limits) on one device in one process.
 
-    A run trained with trainer=ddp would otherwise relaunch on every device, and Lightning's
-    distributed sampler pads val/test to a multiple of the world size, counting some samples twice.
+    A run trained with trainer=ddp would otherwise relaunch on every device; in one process the
+    datamodule reads every row once, in order, and no distributed sampler is wanted.
     """
     return instantiate(
         trainer_cfg, devices=1, num_nodes=1, strategy="auto", use_distributed_sampler=False,

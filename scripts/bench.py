@@ -321,7 +321,7 @@ def header(title: str, args, elapsed: float) -> list[str]:
 def malloc_line(args) -> str:
     if args.device != "cpu":
         return "not used (CUDA caching allocator)"
-    if getattr(args, "kept_memory", False):
+    if args.kept_memory:
         return "glibc keeps freed memory for reuse (mmap and trim thresholds raised; --system-malloc turns it off)"
     return "the system's default" + (" (--system-malloc)" if args.system_malloc else "")
 
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.kept_memory = args.device == "cpu" and not args.system_malloc and keep_freed_memory()
+    args.kept_memory = (args.device == "cpu" and not args.fidelity and not args.system_malloc
+                        and keep_freed_memory())  # only timing needs it
     if args.device == "cpu" and not args.fidelity and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
         print(f"bench: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete "
               "for the CPU, so times will be noisy; --threads 1 and more --repeats help", flush=True)

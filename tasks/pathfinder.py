@@ -153,9 +153,9 @@ class PathfinderDataModule(LRADataModule):
         return sorted((path / "metadata").glob("*.npy")) if path is not None else []
 
     def _find(self) -> Path | None:
-        """The data set's folder below data_dir, searched for once it has been found: with the
-        folder deeper down, each search walks a tree of up to a million images, and every split's
-        cache check asks for it."""
+        """The data set's folder below data_dir, searched for until it has been found: every
+        split's cache check and the reader ask for it, and with the folder deeper down each search
+        lists every folder above its level."""
         if self._found is None:
             self._found = find_path(self.data_dir, generator.folder_name(self.resolution, self.difficulty))
         return self._found
