@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import cast.attention.cast as cast_module
+import cast.attention.cast_combine as cast_combine
 from cast.attention.cast import CASTAttention, combine, gated_mix, gather_tokens, token_rows
 from cast.attention.cast_clustering import Clusters
 from tests.attention.reference import LargestTensor, random_batch, softmax_attention
@@ -192,7 +192,7 @@ def reference_logits(q, k, gates, s):
 @pytest.mark.parametrize("query_only", [False, True])
 def test_vectorised_combination_equals_the_per_token_loop(style, shared, with_summaries, query_only,
                                                           monkeypatch):
-    monkeypatch.setattr(cast_module, "CHUNK_ELEMENTS", 1)  # one batch row per pass: chunks must agree
+    monkeypatch.setattr(cast_combine, "CHUNK_ELEMENTS", 1)  # one batch row per pass: chunks must agree
     q, k, gates, s, summaries, intra, clusters = combination_inputs(style, shared)
     summaries = summaries if with_summaries else None
     if query_only:
@@ -211,7 +211,7 @@ def test_vectorised_combination_equals_the_per_token_loop(style, shared, with_su
 @pytest.mark.parametrize("style", ["topk", "sa_topk"])
 @pytest.mark.parametrize("chunk", [1, 2**20])
 def test_combination_backward_matches_finite_differences(style, shared, chunk, monkeypatch):
-    monkeypatch.setattr(cast_module, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(cast_combine, "CHUNK_ELEMENTS", chunk)
     *tensors, clusters = combination_inputs(style, shared, b=2, h=2, nc=3, k=2, n=7, d=2,
                                             dtype=torch.double)
     tensors = tuple(t.requires_grad_(True) for t in tensors)
