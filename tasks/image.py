@@ -31,8 +31,8 @@ from PIL import Image
 from torch import Tensor
 
 from tasks.base import DataFormatError, LRADataModule
-from tasks.download import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
-                            tfds_files, tfds_pairs)
+from tasks.sources import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
+                           tfds_files, tfds_pairs)
 from tasks.text import SOURCES, check_labels
 
 HUB_NAME = "uoft-cs/cifar10"

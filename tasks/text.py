@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from tasks.base import DataFormatError, LRADataModule
-from tasks.download import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
-                            tfds_files, tfds_pairs)
+from tasks.sources import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
+                           tfds_files, tfds_pairs)
 
 HUB_NAME = "stanfordnlp/imdb"
 TFDS_NAME = "imdb_reviews"
