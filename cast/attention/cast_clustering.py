@@ -9,7 +9,7 @@ positions and ``valid`` (G, Nc, κ), True where a slot holds a real token. Slots
 valid point at some token and must be ignored. Nothing here carries a gradient.
 
 - ``topk``: every cluster takes its κ best-scoring tokens, so a token can sit in several clusters
-  or in none.
+  or in none. On a CPU the selection runs in two short stages (:func:`top_indices`).
 - ``sa_topk`` (single assignment): a token sits in at most one cluster. Each round, every unplaced
   token proposes to its best cluster that still has room, and each cluster accepts its best
   proposers up to its room. After ``SA_ROUNDS`` rounds, tokens still unplaced fill the remaining
@@ -26,6 +26,8 @@ from torch import Tensor
 
 # Proposal rounds of sa_topk before the final fill; most tokens settle in the first two.
 SA_ROUNDS = 3
+# top_indices: entries per strided group of a row (its first stage keeps size of N / GROUP groups).
+GROUP = 8
 
 
 class Clusters(NamedTuple):
@@ -35,9 +37,34 @@ class Clusters(NamedTuple):
 
 def topk_clusters(scores: Tensor, mask: Tensor, size: int) -> Clusters:
     """Each cluster's ``size`` best tokens; ``valid`` marks the padding taken when too few are real."""
-    index = scores.detach().topk(size, dim=-1, sorted=False).indices
+    index = top_indices(scores.detach(), size)
     valid = mask.unsqueeze(-2).expand_as(scores).gather(-1, index)
     return Clusters(index, valid)
+
+
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Positions of the k largest entries along the last dim, unordered: a top-k set, as
+    ``scores.topk(k, sorted=False).indices`` (which of tied entries is taken may differ).
+
+    torch's CPU top-k walks every entry of a row through a scalar partial sort (10 ms for the
+    (4, 4, 64, 4096) scores of a 4K layer with Nc = κ = 64, 2 cores). Here each row of n entries
+    is cut into m = n / GROUP strided groups {j, j + m, ..., j + (GROUP − 1)·m}, and the k groups
+    with the largest maxima hold a top-k set: the k-th largest group maximum t is at most the k-th
+    largest entry v (those k maxima are k entries ≥ t), so an entry above v lies in a group whose
+    maximum exceeds t, which is among the k chosen; and the chosen groups with maximum = t hold
+    enough entries equal to t for the ties when v = t. Two top-k calls over GROUP·k and n / GROUP
+    entries, a vectorised max and a gather replace the long one (5 ms for those scores). On other
+    devices, and where the groups would not be smaller than the row, torch's top-k runs as it is.
+    """
+    n = scores.shape[-1]
+    if scores.device.type != "cpu" or n % GROUP or 2 * GROUP * k > n:
+        return scores.topk(k, dim=-1, sorted=False).indices
+    m = n // GROUP
+    grouped = scores.unflatten(-1, (GROUP, m))  # (..., GROUP, m): column j is group j
+    groups = grouped.amax(dim=-2).topk(k, dim=-1, sorted=False).indices  # (..., k)
+    members = grouped.gather(-1, groups.unsqueeze(-2).expand(*grouped.shape[:-1], k)).flatten(-2)
+    pick = members.topk(k, dim=-1, sorted=False).indices  # into (GROUP, k) candidates
+    return groups.gather(-1, pick % k) + m * (pick // k)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cast.attention.cast_clustering import SA_ROUNDS, sa_topk_clusters, topk_clusters
+from cast.attention.cast_clustering import GROUP, SA_ROUNDS, sa_topk_clusters, top_indices, topk_clusters
 
 
 def scores_and_mask(g=3, nc=4, n=20, seed=0, pad=0.3):
@@ -22,9 +22,9 @@ def members(clusters, row):
     return [index[c][valid[c]].tolist() for c in range(index.shape[0])]
 
 
-def test_topk_clusters_hold_their_best_distinct_real_tokens():
-    scores, mask = scores_and_mask()
-    size = 6
+@pytest.mark.parametrize("n,size", [(20, 6), (256, 6)])  # torch's top-k; the grouped one (top_indices)
+def test_topk_clusters_hold_their_best_distinct_real_tokens(n, size):
+    scores, mask = scores_and_mask(n=n)
     clusters = topk_clusters(scores, mask, size)
     assert clusters.index.shape == clusters.valid.shape == (3, 4, size)
     for row in range(3):
@@ -33,6 +33,46 @@ def test_topk_clusters_hold_their_best_distinct_real_tokens():
             assert len(held) == len(set(held)) == min(size, len(real))
             best = sorted(real, key=lambda j: -scores[row, c, j].item())[:size]
             assert set(held) == set(best)
+
+
+def adversarial_rows(kind: str, n: int) -> torch.Tensor:
+    """(6, n) rows on which grouping by stride could go wrong, if the argument for it were wrong."""
+    gen = torch.Generator().manual_seed(1)
+    m = n // GROUP
+    if kind == "random":
+        return torch.randn(6, n, generator=gen)
+    if kind == "ascending":  # the best entries all in the last groups' top members
+        return torch.arange(n, dtype=torch.float).repeat(6, 1) + torch.arange(6).view(6, 1)
+    if kind == "one-group":  # the best entries all in as few strided groups as they fit in
+        rows = torch.randn(6, n, generator=gen)
+        rows.view(6, GROUP, m)[:, :, :3] += 100.0
+        return rows
+    if kind == "ties":
+        return torch.randint(0, 4, (6, n), generator=gen).float()
+    # "padding": fewer real entries than k; the rest tie at the dtype's minimum
+    rows = torch.full((6, n), torch.finfo(torch.float32).min)
+    rows[:, ::37] = torch.randn(6, rows[:, ::37].shape[1], generator=gen)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["random", "ascending", "one-group", "ties", "padding"])
+@pytest.mark.parametrize("n,k", [(256, 16), (512, 32), (200, 12)])
+def test_top_indices_selects_a_top_k_set_of_distinct_positions(kind, n, k):
+    assert 2 * GROUP * k <= n and n % GROUP == 0  # the grouped path, not torch's fallback
+    rows = adversarial_rows(kind, n)
+    # Scores reach it as permuted views of the cluster-major storage, as in CASTAttention.cluster.
+    scores = rows.view(2, 3, n).transpose(0, 1)
+    index = top_indices(scores, k)
+    assert index.shape == (3, 2, k)
+    assert (index.sort(-1).values.diff(dim=-1) > 0).all()  # distinct positions
+    picked = scores.gather(-1, index).sort(-1).values
+    assert torch.equal(picked, scores.topk(k, dim=-1).values.sort(-1).values)
+
+
+def test_top_indices_falls_back_to_torch_where_groups_would_not_help():
+    scores = torch.randn(4, 100)  # 100 is not a multiple of GROUP
+    assert torch.equal(top_indices(scores, 5).sort(-1).values,
+                       scores.topk(5, sorted=False).indices.sort(-1).values)
 
 
 def test_topk_never_marks_padding_valid_when_short_of_real_tokens():
