@@ -112,6 +112,19 @@ def test_permuting_the_sequence_permutes_the_output(mode):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_two_stage_top_k_keeps_padding_out_and_permutes_with_the_sequence():
+    """At n = 256 with κ = 8 the clustering takes the two-stage top-k (top_indices)."""
+    module = make(cluster_size=8)
+    x, mask = holey_batch(n=256, seed=3)
+    noisy = x.clone()
+    noisy[~mask] = torch.randn_like(noisy[~mask]) * 50
+    y = module(x, mask)
+    assert (y[~mask] == 0).all()
+    torch.testing.assert_close(y[mask], module(noisy, mask)[mask], rtol=1e-5, atol=1e-6)
+    perm = torch.randperm(256, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(module(x[:, perm], mask[:, perm]), y[:, perm], rtol=1e-5, atol=1e-6)
+
+
 # Which parameters learn. With combine_with=query the gate only steers the (gradient-free)
 # clustering, so it gets no gradient at all; the key bias then only shifts every softmax score of
 # a query (inside clusters and in the summaries) by the same amount, so its gradient is zero up
@@ -280,11 +293,12 @@ def test_bfloat16_autocast_runs_and_stays_close():
     assert (y.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-def test_compiles_as_one_graph_and_matches_eager():
+@pytest.mark.parametrize("n,size", [(16, "auto"), (256, 8)])  # torch's top-k; the two-stage one
+def test_compiles_as_one_graph_and_matches_eager(n, size):
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip("torch.compile is not supported on this Python")
-    module = make()
-    x, mask = random_batch(n=16, d_model=D_MODEL, valid=(16, 9))
+    module = make(cluster_size=size)
+    x, mask = random_batch(n=n, d_model=D_MODEL, valid=(n, n // 2 + 1))
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     ys = [compiled(xs[0], mask), module(xs[1], mask)]
