@@ -125,13 +125,27 @@ class CASTAttention(Attention):
         index = clusters.index.expand(b, self.n_heads, *clusters.index.shape[2:])
         valid = clusters.valid.expand_as(index)
         q, k, v = (t.view(b, n, self.n_heads, self.d_head) for t in (q, k, v))  # (B, N, h, d)
-        qc, kc, vc = (gather_tokens(t, index) for t in (q, k, v))
-        summaries = self.summarise(k, v, kc, vc, mask, Clusters(index, valid))
+        fused = self.summaries_in_attention()
+        qc = gather_tokens(q, index, self.surrogates if fused else None)
+        kc, vc = gather_tokens(k, index), gather_tokens(v, index)
+        summaries = None if fused else self.summarise(k, v, kc, vc, mask, Clusters(index, valid))
         # Only the gathered copies (and mix) are read from here on: dropping q, k, v lowers the
         # peak memory of the pass by what they hold.
         del q, k, v
         intra = self.attend_clusters(qc, kc, vc, valid)
+        if fused:
+            intra, summaries = _SplitSummaries.apply(intra, valid.any(dim=-1, keepdim=True).to(intra.dtype))
         return self.output(combine(summaries, intra, clusters, s, weigh_by).transpose(1, 2), mask)
+
+    def summaries_in_attention(self) -> bool:
+        """Whether the summaries come out of the intra-cluster attention call: with softmax
+        attention, members' summaries and surrogates per head, R_c = Σ_j softmax_j(k_j·s_c/√d) v_j
+        is the attention output of the query s_c over the members of c, so each cluster's block
+        gets s_c as one more query row (κ + 1 queries, κ keys). It costs SDPA nothing measurable
+        and replaces the summaries' own products, softmax and gradient sums (about 3% of a 4K
+        layer step on 2 CPU cores). In training the attention dropout then applies to the
+        summary weights as well."""
+        return self.attn_fn == "softmax" and self.summaries == "members" and not self.shared_heads
 
     @torch.no_grad()
     def cluster(self, mix: Tensor, s: Tensor, mask: Tensor) -> Clusters:
@@ -172,13 +186,14 @@ class CASTAttention(Attention):
         return (tc @ s.unsqueeze(-1)).squeeze(-1)
 
     def attend_clusters(self, qc: Tensor, kc: Tensor, vc: Tensor, valid: Tensor) -> Tensor:
-        """Attention inside each cluster over its valid slots: (B, h, Nc, κ, d) -> same shape.
+        """Attention inside each cluster over its valid slots: queries qc (B, h, Nc, κ or κ + 1, d),
+        keys and values (B, h, Nc, κ, d) -> one output per query.
 
         Outputs at invalid slots, a cluster without a real token included, are finite and left for
         combine() to drop (its member weights are zero there).
         """
         p = self.dropout if self.training else 0.0
-        b, h, nc, k, d = qc.shape
+        b, h, nc, k, d = kc.shape
         if self.attn_fn == "laplace":
             s = qc @ kc.transpose(-1, -2) / k
             w = 0.5 * (1 + torch.erf((s - LAPLACE_MU) / (LAPLACE_SIGMA * math.sqrt(2))))
@@ -188,10 +203,10 @@ class CASTAttention(Attention):
         # slots: finite values that combine() never reads.
         empty = ~valid.any(dim=-1, keepdim=True)
         out = F.scaled_dot_product_attention(
-            qc.reshape(b * h, nc, k, d), kc.reshape(b * h, nc, k, d), vc.reshape(b * h, nc, k, d),
+            qc.reshape(b * h, nc, -1, d), kc.reshape(b * h, nc, k, d), vc.reshape(b * h, nc, k, d),
             attn_mask=(valid | empty).reshape(b * h, nc, 1, k), dropout_p=p,
         )
-        return out.view(b, h, nc, k, d)
+        return out.view(b, h, nc, -1, d)
 
     def summarise(self, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, mask: Tensor,
                   clusters: Clusters) -> Tensor | None:
@@ -219,10 +234,41 @@ class CASTAttention(Attention):
         self.last_gates = gates.detach().expand(b, self.n_heads, -1).float().cpu()
 
 
-def gather_tokens(t: Tensor, index: Tensor) -> Tensor:
+def gather_tokens(t: Tensor, index: Tensor, surrogates: Tensor | None = None) -> Tensor:
     """Rows of t (B, N, h, d) at index (B, h, Nc, κ) -> (B, h, Nc, κ, d) in one flat row select,
-    cheaper than a gather with an expanded index."""
-    return _Gather.apply(t, token_rows(index, t.shape[1]))
+    cheaper than a gather with an expanded index. With ``surrogates`` (h, Nc, d), each cluster's
+    surrogate follows its members as slot κ: (B, h, Nc, κ + 1, d)."""
+    rows = token_rows(index, t.shape[1])
+    if surrogates is None:
+        return _Gather.apply(t, rows)
+    b, h, nc = index.shape[:3]
+    d = t.shape[-1]
+    first = t.numel() // d  # the surrogates' rows follow the tokens' in one source
+    extra = first + torch.arange(h * nc, device=index.device).view(1, h, nc, 1).expand(b, h, nc, 1)
+    source = torch.cat([t.reshape(-1, d), surrogates.reshape(-1, d).to(t.dtype)])
+    return _Gather.apply(source, torch.cat([rows, extra], dim=-1))
+
+
+class _SplitSummaries(torch.autograd.Function):
+    """(B, h, Nc, κ + 1, d) attention outputs -> the members' (B, h, Nc, κ, d), a view, and the
+    surrogate rows (B, h, Nc, d) times ``keep`` (B, h, Nc, 1), which zeroes the summary of a cluster
+    without a real token. The backward pass writes both gradients into one tensor laid out as SDPA's
+    CPU backward reads it (slot-major), instead of two zero-filled ones that autograd would add."""
+
+    @staticmethod
+    def forward(ctx, out, keep):
+        ctx.save_for_backward(keep)
+        size = out.shape[-2] - 1
+        return out[..., :size, :], out[..., size, :] * keep
+
+    @staticmethod
+    def backward(ctx, grad_intra, grad_summaries):
+        (keep,) = ctx.saved_tensors
+        b, h, nc, size, d = grad_intra.shape
+        grad = grad_intra.new_empty(b, h, size + 1, nc, d).transpose(2, 3)
+        grad[..., :size, :].copy_(grad_intra)
+        grad[..., size, :].copy_(grad_summaries * keep)
+        return grad, None
 
 
 class _Gather(torch.autograd.Function):

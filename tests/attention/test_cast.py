@@ -125,6 +125,29 @@ def test_two_stage_top_k_keeps_padding_out_and_permutes_with_the_sequence():
     torch.testing.assert_close(module(x[:, perm], mask[:, perm]), y[:, perm], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("clustering", ["topk", "sa_topk"])
+def test_summaries_from_the_attention_call_equal_their_own_formula(clustering, monkeypatch):
+    """The surrogate as one more query row in each cluster's SDPA call (the default path) gives
+    R_c = Σ_j softmax_j(A_k[j, c]) v_j, padding and an empty cluster included, and the same
+    gradients as computing it apart (summarise)."""
+    fused = make(clustering=clustering, num_clusters=6, cluster_size=3)
+    assert fused.summaries_in_attention()
+    apart = make(clustering=clustering, num_clusters=6, cluster_size=3)
+    monkeypatch.setattr(apart, "summaries_in_attention", lambda: False)
+    x, mask = holey_batch(n=12, seed=5)
+    mask[1, 5:] = False  # row 1: 6 clusters of 3 slots and few real tokens, so sa_topk leaves some empty
+    outputs, grads = [], []
+    for module in (fused, apart):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi, mask)
+        y.square().sum().backward()
+        outputs.append(y)
+        grads.append([xi.grad] + [p.grad for p in module.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for g_fused, g_apart in zip(*grads):
+        torch.testing.assert_close(g_fused, g_apart, rtol=1e-4, atol=1e-6)
+
+
 # Which parameters learn. With combine_with=query the gate only steers the (gradient-free)
 # clustering, so it gets no gradient at all; the key bias then only shifts every softmax score of
 # a query (inside clusters and in the summaries) by the same amount, so its gradient is zero up
