@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cast.attention.base import (
-    Attention, check_inputs, option_error, require_choice, require_positive,
+    Attention, check_inputs, linears, option_error, require_choice, require_positive,
 )
 from cast.attention.cast_clustering import Clusters, sa_topk_clusters, topk_clusters
 from cast.attention.cast_combine import combine, token_rows
@@ -107,8 +107,8 @@ class CASTAttention(Attention):
         b, n, _ = x.shape
         groups = 1 if self.shared_heads else self.n_heads  # h'
         # The projections as (B, N, D): every view below reads them in place, no head split copy.
-        q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        gates = torch.sigmoid(self.gate(x))  # (B, N, h')
+        q, k, v, gates = linears(x, self.q_proj, self.k_proj, self.v_proj, self.gate)
+        gates = torch.sigmoid(gates)  # (B, N, h')
         s = self.affinity_weights()
         q_groups, k_groups = q.view(b, n, groups, -1), k.view(b, n, groups, -1)  # (B, N, h', d')
         if self.combine_with == "affinity":
