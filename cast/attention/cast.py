@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from cast.attention.base import (
     Attention, check_inputs, linears, option_error, require_choice, require_positive,
 )
+from cast.attention.cast_blocks import block_attention
 from cast.attention.cast_clustering import Clusters, sa_topk_clusters, topk_clusters
 from cast.attention.cast_combine import combine, token_rows
 
@@ -199,13 +200,8 @@ class CASTAttention(Attention):
             w = 0.5 * (1 + torch.erf((s - LAPLACE_MU) / (LAPLACE_SIGMA * math.sqrt(2))))
             w = F.dropout(w * valid.unsqueeze(-2).to(w.dtype), p, self.training)
             return w @ vc
-        # SDPA returns NaN for a query with no key, so an empty cluster attends over its padding
-        # slots: finite values that combine() never reads.
-        empty = ~valid.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(
-            qc.reshape(b * h, nc, -1, d), kc.reshape(b * h, nc, k, d), vc.reshape(b * h, nc, k, d),
-            attn_mask=(valid | empty).reshape(b * h, nc, 1, k), dropout_p=p,
-        )
+        out = block_attention(qc.reshape(b * h * nc, -1, d), kc.reshape(-1, k, d), vc.reshape(-1, k, d),
+                              valid.reshape(-1, k), p)
         return out.view(b, h, nc, -1, d)
 
     def summarise(self, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, mask: Tensor,
@@ -252,8 +248,8 @@ def gather_tokens(t: Tensor, index: Tensor, surrogates: Tensor | None = None) ->
 class _SplitSummaries(torch.autograd.Function):
     """(B, h, Nc, κ + 1, d) attention outputs -> the members' (B, h, Nc, κ, d), a view, and the
     surrogate rows (B, h, Nc, d) times ``keep`` (B, h, Nc, 1), which zeroes the summary of a cluster
-    without a real token. The backward pass writes both gradients into one tensor laid out as SDPA's
-    CPU backward reads it (slot-major), instead of two zero-filled ones that autograd would add."""
+    without a real token. The backward pass writes both gradients into one tensor, instead of two
+    zero-filled ones that autograd would add."""
 
     @staticmethod
     def forward(ctx, out, keep):
@@ -265,7 +261,7 @@ class _SplitSummaries(torch.autograd.Function):
     def backward(ctx, grad_intra, grad_summaries):
         (keep,) = ctx.saved_tensors
         b, h, nc, size, d = grad_intra.shape
-        grad = grad_intra.new_empty(b, h, size + 1, nc, d).transpose(2, 3)
+        grad = grad_intra.new_empty(b, h, nc, size + 1, d)
         grad[..., :size, :].copy_(grad_intra)
         grad[..., size, :].copy_(grad_summaries * keep)
         return grad, None
