@@ -128,7 +128,8 @@ class _Linears(torch.autograd.Function):
                 grad_x = grad @ w if grad_x is None else grad_x.addmm_(grad, w)
             grad_w = (grad.t() @ x2).to(dtypes[2 * i]) if ctx.needs_input_grad[1 + 2 * i] else None
             bias_dtype = dtypes[2 * i + 1]
-            grad_b = grad.sum(0).to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2 + 2 * i] else None
+            wants_bias = bias_dtype is not None and ctx.needs_input_grad[2 + 2 * i]
+            grad_b = grad.sum(0).to(bias_dtype) if wants_bias else None
             grad_params += [grad_w, grad_b]
         if grad_x is not None:
             grad_x = grad_x.view(*ctx.lead, -1).to(x_dtype)

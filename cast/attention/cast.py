@@ -135,16 +135,17 @@ class CASTAttention(Attention):
         del q, k, v
         intra = self.attend_clusters(qc, kc, vc, valid)
         if fused:
-            intra, summaries = _SplitSummaries.apply(intra, valid.any(dim=-1, keepdim=True).to(intra.dtype))
+            has_members = valid.any(dim=-1, keepdim=True).to(intra.dtype)
+            intra, summaries = _SplitSummaries.apply(intra, has_members)
         return self.output(combine(summaries, intra, clusters, s, weigh_by).transpose(1, 2), mask)
 
     def summaries_in_attention(self) -> bool:
         """Whether the summaries come out of the intra-cluster attention call: with softmax
         attention, members' summaries and surrogates per head, R_c = Σ_j softmax_j(k_j·s_c/√d) v_j
         is the attention output of the query s_c over the members of c, so each cluster's block
-        gets s_c as one more query row (κ + 1 queries, κ keys). It costs SDPA nothing measurable
-        and replaces the summaries' own products, softmax and gradient sums (about 3% of a 4K
-        layer step on 2 CPU cores). In training the attention dropout then applies to the
+        gets s_c as one more query row (κ + 1 queries, κ keys). That costs the attention next to
+        nothing and replaces the summaries' own products, softmax and gradient sums (about 3% of
+        a 4K layer step on 2 CPU cores). In training the attention dropout then applies to the
         summary weights as well."""
         return self.attn_fn == "softmax" and self.summaries == "members" and not self.shared_heads
 
@@ -200,8 +201,8 @@ class CASTAttention(Attention):
             w = 0.5 * (1 + torch.erf((s - LAPLACE_MU) / (LAPLACE_SIGMA * math.sqrt(2))))
             w = F.dropout(w * valid.unsqueeze(-2).to(w.dtype), p, self.training)
             return w @ vc
-        out = block_attention(qc.reshape(b * h * nc, -1, d), kc.reshape(-1, k, d), vc.reshape(-1, k, d),
-                              valid.reshape(-1, k), p)
+        out = block_attention(qc.reshape(b * h, nc, -1, d), kc.reshape(b * h, nc, k, d),
+                              vc.reshape(b * h, nc, k, d), valid.reshape(b * h, nc, k), p)
         return out.view(b, h, nc, -1, d)
 
     def summarise(self, k: Tensor, v: Tensor, kc: Tensor, vc: Tensor, mask: Tensor,

@@ -5,11 +5,14 @@ Shapes: G blocks (B·h·Nc), L queries per block (κ members, or κ + 1 with the
 row), κ keys, d head width; ``valid`` (G, κ) is True on real members. A block without a real
 member attends over its padding slots: finite outputs that the combination never reads.
 
-On a CPU in float32 (or float64) the blocks run through :class:`_BlockAttention`, a few dozen blocks at a time
-so that each chunk's (L, κ) scores stay in a core's cache, with the backward pass recomputing them
-(as a fused kernel would); torch's CPU SDPA serves such small blocks more slowly, and with dropout
-it falls back to materialising every block's probabilities. Elsewhere (CUDA, or another dtype)
-torch's ``scaled_dot_product_attention`` runs its fused kernels.
+On a CPU in float32 (or float64), blocks of at most ``SMALL_BLOCK`` members run through
+:class:`_BlockAttention`, a few dozen blocks at a time so that each chunk's (L, κ) scores stay in
+a core's cache, with the backward pass recomputing them (as a fused kernel would): torch's CPU
+flash kernel serves such small blocks more slowly, and with dropout SDPA materialises every
+block's probabilities. Larger blocks, other devices and other dtypes go to torch's
+``scaled_dot_product_attention`` in 4-D (B·h, Nc, ·, d) form, which its fused kernels take.
+Measured on the layer step (2 CPU cores, B = 4, h = 4, d = 32): with κ = 64 the chunked path is
+5% faster; κ = 128 is a tie; at κ = 256 and 512 the flash kernel is 7% and 15% faster.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ from torch import Tensor
 # Scores per chunk of blocks (L·κ each): 1 MiB of float32, so a chunk's scores, probabilities and
 # their gradients stay in cache.
 BLOCK_CHUNK_ELEMENTS = 2**18
+# Members per block up to which the chunked CPU path runs (see the module docstring).
+SMALL_BLOCK = 64
 
 
 def block_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, dropout: float) -> Tensor:
     """softmax(q kᵀ / √d + mask) v per block, with attention dropout ``dropout`` (0 to disable):
-    q (G, L, d), k and v (G, κ, d), valid (G, κ) -> (G, L, d)."""
-    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float64):
+    q (P, C, L, d), k and v (P, C, κ, d), valid (P, C, κ) -> (P, C, L, d), for P·C = G blocks
+    (CAST passes P = B·h and C = Nc)."""
+    on_cpu = q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
+    if on_cpu and q.dtype in (torch.float32, torch.float64) and k.shape[-2] <= SMALL_BLOCK:
         seed = int(torch.randint(2**62, (1,))) if dropout > 0 else 0  # from the global RNG
-        return _BlockAttention.apply(q, k, v, valid, dropout, seed)
+        flat = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v)]
+        out = _BlockAttention.apply(*flat, valid.reshape(-1, valid.shape[-1]), dropout, seed)
+        return out.view(q.shape)
     # SDPA returns NaN for a query with no key, so an empty block attends over its padding slots.
     keys = valid | ~valid.any(dim=-1, keepdim=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keys.unsqueeze(-2), dropout_p=dropout)

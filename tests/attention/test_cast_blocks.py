@@ -9,12 +9,13 @@ import cast.attention.cast_blocks as blocks
 from cast.attention.cast_blocks import _BlockAttention, block_attention
 
 
-def inputs(g=7, queries=5, size=4, d=3, dtype=torch.float32, seed=0):
+def inputs(p=2, c=4, queries=5, size=4, d=3, dtype=torch.float32, seed=0):
+    """Blocks as CAST passes them: (P, C, ·, d) for P = B·h and C = Nc, valid (P, C, κ)."""
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(g, n, d, generator=gen, dtype=dtype) for n in (queries, size, size))
-    valid = torch.rand(g, size, generator=gen) > 0.3
-    valid[0] = False  # a block without a real member
-    valid[1] = True
+    q, k, v = (torch.randn(p, c, n, d, generator=gen, dtype=dtype) for n in (queries, size, size))
+    valid = torch.rand(p, c, size, generator=gen) > 0.3
+    valid[0, 0] = False  # a block without a real member
+    valid[0, 1] = True
     return q, k, v, valid
 
 
@@ -24,9 +25,10 @@ def sdpa_reference(q, k, v, valid):
 
 
 @pytest.mark.parametrize("queries", [4, 5])  # κ members, or κ + 1 with the summary row
-@pytest.mark.parametrize("chunk", [1, 2**18])  # one block per chunk, all blocks in one chunk
-def test_chunked_cpu_path_equals_sdpa_with_padding_and_an_empty_block(queries, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,small", [(1, 64), (2**18, 64), (1, 0)])  # chunked path; SDPA's (small=0)
+def test_both_paths_equal_sdpa_with_padding_and_an_empty_block(queries, chunk, small, monkeypatch):
     monkeypatch.setattr(blocks, "BLOCK_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(blocks, "SMALL_BLOCK", small)
     q, k, v, valid = inputs(queries=queries)
     results = []
     for fn in (block_attention, None):
@@ -42,13 +44,13 @@ def test_chunked_cpu_path_equals_sdpa_with_padding_and_an_empty_block(queries, c
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_backward_passes_gradcheck_with_its_redrawn_dropout_masks(p, monkeypatch):
     monkeypatch.setattr(blocks, "BLOCK_CHUNK_ELEMENTS", 40)  # several chunks, each with its masks
-    q, k, v, valid = inputs(dtype=torch.float64)
+    q, k, v, valid = (t.flatten(0, 1) for t in inputs(dtype=torch.float64))  # the path's (G, ·, d)
     leaves = [t.requires_grad_(True) for t in (q, k, v)]
     assert torch.autograd.gradcheck(lambda *t: _BlockAttention.apply(*t, valid, p, 1234), leaves)
 
 
 def test_dropout_follows_the_global_seed_and_keeps_the_mean():
-    q, k, v, valid = inputs(g=2, queries=4, size=6, d=2)
+    q, k, v, valid = inputs(p=1, c=2, queries=4, size=6, d=2)
     torch.manual_seed(0)
     first = block_attention(q, k, v, valid, 0.5)
     torch.manual_seed(0)

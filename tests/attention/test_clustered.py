@@ -15,7 +15,7 @@ from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
 from cast.attention.hamming import hamming_kmeans, hash_codes
 from cast.attention.vanilla import VanillaAttention
-from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch, softmax_attention
+from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
 
 
 def refuse_to_cluster(*args):

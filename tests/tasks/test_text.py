@@ -66,6 +66,7 @@ def test_parquet_layout_gives_byte_ids_labels_and_test_as_validation(parquet_dir
     assert train["label"].tolist() == TRAIN["label"]
     assert dm.splits["val"] is dm.splits["test"], "LRA validates on the test split; one tensor serves both"
     assert test["label"].tolist() == [1, 0, 0]
+    assert torch.equal(val["input_ids"], test["input_ids"]) and torch.equal(val["label"], test["label"])
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "mask", "label"} and batch["input_ids"].shape == (4, 12)
     assert dm.vocab_size == 257 and dm.num_classes == 2 and not dm.is_pair
