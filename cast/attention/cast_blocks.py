@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cast.attention.base import key_padding_bias
+
 # Scores per chunk of blocks (L·κ each): 1 MiB of float32, so a chunk's scores, probabilities and
 # their gradients stay in cache.
 BLOCK_CHUNK_ELEMENTS = 2**18
@@ -100,9 +102,7 @@ class _BlockAttention(torch.autograd.Function):
 def _key_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
     """(G, 1, κ): 0 on valid keys, the dtype's lowest value elsewhere; a block without a valid key
     gets 0 everywhere (it attends over its padding, finite, never read)."""
-    keys = valid | ~valid.any(dim=-1, keepdim=True)
-    return torch.zeros(keys.shape, dtype=dtype, device=valid.device).masked_fill_(
-        ~keys, torch.finfo(dtype).min).unsqueeze(1)
+    return key_padding_bias(valid | ~valid.any(dim=-1, keepdim=True), dtype)[:, 0]
 
 
 def _keep(probs: Tensor, p: float, gen: torch.Generator) -> Tensor:
