@@ -104,13 +104,13 @@ class ShardSampler(DistributedSampler):
 
     def __init__(self, n: int, num_replicas: int, rank: int):
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.n = n
+        self.rows = range(rank, n, num_replicas)
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
+        return len(self.rows)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.num_replicas))
+        return iter(self.rows)
 
 
 def compact_dtype(vocab_size: int) -> torch.dtype:
@@ -136,8 +136,6 @@ def find_path(root: str | Path, relative: str) -> Path | None:
     folder one level down is found without walking its million images.
     """
     root = Path(root)
-    if (root / relative).exists():
-        return root / relative
     level, seen = [root] if root.is_dir() else [], set()
     while level:
         hits = sorted(str(p / relative) for p in level if (p / relative).exists())
