@@ -130,8 +130,8 @@ class CASTAttention(Attention):
         qc = gather_tokens(q, index, self.surrogates if fused else None)
         kc, vc = gather_tokens(k, index), gather_tokens(v, index)
         summaries = None if fused else self.summarise(k, v, kc, vc, mask, Clusters(index, valid))
-        # Only the gathered copies (and mix) are read from here on: dropping q, k, v lowers the
-        # peak memory of the pass by what they hold.
+        # Only the gathered copies (and weigh_by) are read from here on: dropping q, k, v lowers
+        # the peak memory of the pass by what they hold.
         del q, k, v
         intra = self.attend_clusters(qc, kc, vc, valid)
         if fused:

@@ -1,9 +1,10 @@
 """CAST's attention inside the clusters: softmax attention of each cluster's queries over its valid
 members, for all (batch, head, cluster) blocks at once.
 
-Shapes: G blocks (B·h·Nc), L queries per block (κ members, or κ + 1 with the surrogate's summary
-row), κ keys, d head width; ``valid`` (G, κ) is True on real members. A block without a real
-member attends over its padding slots: finite outputs that the combination never reads.
+Shapes: blocks (P, C) = (B·h, Nc), G = P·C of them, L queries per block (κ members, or κ + 1 with
+the surrogate's summary row), κ keys, d head width; ``valid`` (P, C, κ) is True on real members.
+A block without a real member attends over its padding slots (:func:`attendable`): finite
+outputs that the combination never reads.
 
 On a CPU in float32 (or float64), blocks of at most ``SMALL_BLOCK`` members run through
 :class:`_BlockAttention`, a few dozen blocks at a time so that each chunk's (L, κ) scores stay in
@@ -40,9 +41,14 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, dropout: flo
         flat = [t.reshape(-1, *t.shape[-2:]) for t in (q, k, v)]
         out = _BlockAttention.apply(*flat, valid.reshape(-1, valid.shape[-1]), dropout, seed)
         return out.view(q.shape)
-    # SDPA returns NaN for a query with no key, so an empty block attends over its padding slots.
-    keys = valid | ~valid.any(dim=-1, keepdim=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keys.unsqueeze(-2), dropout_p=dropout)
+    keys = attendable(valid).unsqueeze(-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keys, dropout_p=dropout)
+
+
+def attendable(valid: Tensor) -> Tensor:
+    """The keys each block attends over: its valid ones, or all of them in a block without any
+    (softmax over no key is NaN; over padding it is finite, and never read)."""
+    return valid | ~valid.any(dim=-1, keepdim=True)
 
 
 def _chunks(g: int, per_block: int) -> list[slice]:
@@ -100,9 +106,8 @@ class _BlockAttention(torch.autograd.Function):
 
 
 def _key_bias(valid: Tensor, dtype: torch.dtype) -> Tensor:
-    """(G, 1, κ): 0 on valid keys, the dtype's lowest value elsewhere; a block without a valid key
-    gets 0 everywhere (it attends over its padding, finite, never read)."""
-    return key_padding_bias(valid | ~valid.any(dim=-1, keepdim=True), dtype)[:, 0]
+    """(G, 1, κ): 0 on the :func:`attendable` keys, the dtype's lowest value elsewhere."""
+    return key_padding_bias(attendable(valid), dtype)[:, 0]
 
 
 def _keep(probs: Tensor, p: float, gen: torch.Generator) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 # Proposal rounds of sa_topk before the final fill; most tokens settle in the first two.
 SA_ROUNDS = 3
-# top_indices: entries per strided group of a row (its first stage keeps size of N / GROUP groups).
+# top_indices: entries per strided group of a row; its first stage picks among N / GROUP groups.
 GROUP = 8
 
 
@@ -54,7 +54,8 @@ def top_indices(scores: Tensor, k: int) -> Tensor:
     maximum exceeds t, which is among the k chosen; and the chosen groups with maximum = t hold
     enough entries equal to t for the ties when v = t. Two top-k calls over GROUP·k and n / GROUP
     entries, a vectorised max and a gather replace the long one (5 ms for those scores). On other
-    devices, and where the groups would not be smaller than the row, torch's top-k runs as it is.
+    devices, for a row length that is not a multiple of GROUP, and where the GROUP·k candidates
+    would be more than half the row, torch's top-k runs as it is.
     """
     n = scores.shape[-1]
     if scores.device.type != "cpu" or n % GROUP or 2 * GROUP * k > n:
