@@ -270,8 +270,9 @@ class _SplitSummaries(torch.autograd.Function):
 
 class _Gather(torch.autograd.Function):
     """t.reshape(-1, d)[rows]; the backward pass scatters the gradient in whichever of the two
-    layouts it arrives in: SDPA's backward on the CPU returns (B, h, κ, Nc, d)-major gradients,
-    which autograd's own view backward would first copy."""
+    layouts it arrives in: torch's SDPA backward on the CPU (blocks above cast_blocks.SMALL_BLOCK
+    members) returns (B, h, κ, Nc, d)-major gradients, which autograd's own view backward would
+    first copy; the chunked block path returns them contiguous."""
 
     @staticmethod
     def forward(ctx, t, rows):
