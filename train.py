@@ -1,48 +1,10 @@
 """Train and test one model: python train.py task=listops attention=cast [overrides...]
 
 Sweeps: python train.py -m attention.num_clusters=8,16,32 seed=0,1,2
+The entry point lives in cast/app/cli.py (installed as `cast-train`).
 """
 
-import sys
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
-
-from cast.run import train
-from cast.summary import print_summary
-
-
-def share_sweep_dir_with_ddp_ranks() -> None:
-    """Pin this multirun's directory in sys.argv before Lightning copies it for the DDP ranks.
-
-    Lightning starts each extra rank as `python train.py <argv>`; in a multirun that process
-    replays the sweep in step with rank 0, and without a pinned directory ${now:...} would give it
-    a second sweep directory.
-    """
-    if HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    pinned = f"hydra.sweep.dir={HydraConfig.get().sweep.dir}"
-    sys.argv = [a for a in sys.argv if not a.startswith("hydra.sweep.dir=")] + [pinned]
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    share_sweep_dir_with_ddp_ranks()
-    try:
-        results = train(cfg)
-    except Exception as error:
-        # In a sweep one failed job must not stop the others; its results.json says why it failed.
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            print(f"job failed: {type(error).__name__}: {error}")
-            return None
-        raise
-    if rank_zero_only.rank == 0:
-        print_summary(results)
-    return results.get(cfg.optimized_metric)
-
+from cast.app.cli import train_main
 
 if __name__ == "__main__":
-    main()
+    train_main()

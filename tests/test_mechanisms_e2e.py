@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from cast.run import train
+from cast.app.run import train
 from tests.attention.test_contract import NAMES
 from tests.conftest import ROOT, TINY
 

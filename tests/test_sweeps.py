@@ -20,8 +20,8 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from cast.results import read_results
-from cast.run import train
+from cast.app.results import read_results
+from cast.app.run import train
 from tests.conftest import CONFIGS, ROOT, TINY, compose_train
 
 ATTENTIONS = ["vanilla", "cast", "clustered", "iclustered", "fastmax", "performer", "reformer"]
@@ -137,7 +137,7 @@ def test_time_limit_signal_writes_last_ckpt_and_ckpt_path_last_resumes(max_num_t
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setattr(SlurmJobEnvironment, "_requeue", lambda self, countdown: requeued.append(countdown))
     monkeypatch.setattr(SignalHandler, "has_timed_out", lambda self: True)
-    import cast.run as run_module
+    import cast.app.run as run_module
 
     original = run_module._instantiate_group
     monkeypatch.setattr(run_module, "_instantiate_group",

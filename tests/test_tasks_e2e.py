@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cast.run import train
+from cast.app.run import train
 from tasks.pathfinder_generator import write_release as write_pathfinder
 from tests.conftest import TINY, compose_train
 from tests.tasks.test_image import cifar

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from cast.results import REQUIRED, read_results
-from cast.run import evaluate, train
+from cast.app.results import REQUIRED, read_results
+from cast.app.run import evaluate, train
 from tests.conftest import ROOT, TINY, compose_train
 from tests.wandb_records import summary as wandb_summary
 
@@ -66,7 +66,7 @@ def test_resume_after_a_crash_continues_at_the_same_step(tiny_cfg, tmp_path, mon
     assert step_straight == 20
 
     crashed = tmp_path / "crashed"
-    import cast.run as run_module
+    import cast.app.run as run_module
 
     original = run_module._instantiate_group
 

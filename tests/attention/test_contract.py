@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cast.app.paths import CONFIG_DIR as CONFIGS
 from tests.attention.reference import random_batch
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "attention"
+CONFIG_DIR = CONFIGS / "attention"
 NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 D_MODEL, HEADS = 32, 4
 

@@ -1,6 +1,6 @@
 """Measuring core of scripts/bench.py: one training step of an attention layer or of the LRA Text
 model, its time and its peak memory (the output error against exact attention is in
-:mod:`cast.fidelity`, the tables and plot in :mod:`cast.bench_report`).
+:mod:`cast.bench.fidelity`, the tables and plot in :mod:`cast.bench.report`).
 
 Shapes: B batch, h heads, N length, d head width, D = h*d (layer mode). Model mode is the LRA
 Text protocol: 4 layers, 4 heads, D = 256, MLP 1024, 257 byte tokens, 2 classes, CLS pooling.
@@ -19,7 +19,7 @@ it (parameters, inputs, optimizer state), measured after one warm-up step:
   larger than that gets pages of its own that return to the OS when it is freed, so the resident
   set follows the live tensors (by default the threshold grows with the largest block freed, and
   heap fragmentation then added tens of MB that differed between runs of the same step). The
-  measurements run in a subprocess (``python -m cast.benchmark``, one per mode, a
+  measurements run in a subprocess (``python -m cast.bench.benchmark``, one per mode, a
   fresh one after a crash) whose address space is capped near the memory available at its
   start: running out of memory becomes an error reported as ``oom`` rather than a visit from the
   OOM killer, and the benchmark's own process never holds a mechanism's peak. Where the peak
@@ -50,10 +50,10 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cast.app.paths import CONFIG_DIR as CONFIG_ROOT
 from cast.models import LRAClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = ROOT / "configs" / "attention"
+CONFIG_DIR = CONFIG_ROOT / "attention"
 TEXT_MODEL = dict(vocab_size=257, num_classes=2, d_model=256, qkv_dim=256, n_layers=4, n_heads=4,
                   mlp_dim=1024, dropout=0.1, attention_dropout=0.1, positions="sinusoidal", pooling="cls")
 # Short names accepted on the command line (CAST's Nc and κ) and shown in labels.
@@ -280,8 +280,8 @@ def cpu_peaks(jobs: list[tuple[Spec, int]], mode: str, shape: Shape, config_dir:
         payload["jobs"] = [(spec.name, dict(spec.options), length) for spec, length in batch]
         # stderr goes to a file: a pipe nobody reads while stdout is read line by line can fill and stall the worker.
         with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
-                [sys.executable, "-m", "cast.benchmark", json.dumps(payload)], stdout=subprocess.PIPE, stderr=err,
-                text=True, cwd=ROOT, env={"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, **os.environ}) as proc:
+                [sys.executable, "-m", "cast.bench.benchmark", json.dumps(payload)], stdout=subprocess.PIPE, stderr=err,
+                text=True, env={"MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD, **os.environ}) as proc:
             for line in proc.stdout:
                 if line.startswith(RESULT):
                     result = json.loads(line[len(RESULT):])

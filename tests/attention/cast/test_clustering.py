@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cast.attention.cast_clustering import GROUP, SA_ROUNDS, sa_topk_clusters, top_indices, topk_clusters
+from cast.attention.cast.clustering import GROUP, SA_ROUNDS, sa_topk_clusters, top_indices, topk_clusters
 
 
 def scores_and_mask(g=3, nc=4, n=20, seed=0, pad=0.3):

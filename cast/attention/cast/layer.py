@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from cast.attention.base import (
     Attention, check_inputs, linears, option_error, require_choice, require_positive,
 )
-from cast.attention.cast_blocks import block_attention
-from cast.attention.cast_clustering import Clusters, sa_topk_clusters, topk_clusters
-from cast.attention.cast_combine import combine, token_rows
+from cast.attention.cast.blocks import block_attention
+from cast.attention.cast.clustering import Clusters, sa_topk_clusters, topk_clusters
+from cast.attention.cast.combine import combine, token_rows
 
 CLUSTERINGS = ("topk", "sa_topk")
 ATTN_FNS = ("softmax", "laplace")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.benchmark import CONFIG_DIR, VANILLA, Shape, Spec, failure, load_attention
+from cast.bench.benchmark import CONFIG_DIR, VANILLA, Shape, Spec, failure, load_attention
 
 
 def shared_qk_attention(module, x: Tensor, mask: Tensor, chunk: int = 1024) -> Tensor:

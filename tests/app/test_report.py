@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -14,16 +13,14 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cast.results import write_results
+from cast.app.results import write_results
 from tests.conftest import ROOT, TINY
 from tests.wandb_records import tables, wait_for_exit
 from tests.wandb_records import summary as wandb_summary
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+import cast.app.report as report
 
 
 def fake_run(run_dir: Path, task: str, attention: str, seed: int, acc: float | None, status: str = "ok",

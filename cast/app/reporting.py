@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cast.results import read_results
+from cast.app.results import read_results
 
 # Column order of the LRA paper; Path-X is an extra column, outside the five-task average.
 LRA_TASKS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",

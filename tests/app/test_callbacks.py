@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from cast.callbacks import LastCheckpoint
+from cast.app.callbacks import LastCheckpoint
 
 
 class Crash(L.Callback):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cast.run import load_run, train
+from cast.app.run import load_run, train
 from tests.conftest import ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-spec = importlib.util.spec_from_file_location("visualize", ROOT / "scripts" / "visualize.py")
-visualize = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(visualize)
+import cast.app.visualize as visualize
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cast.attention.cast_blocks as blocks
-from cast.attention.cast_blocks import _BlockAttention, block_attention
+import cast.attention.cast.blocks as blocks
+from cast.attention.cast.blocks import _BlockAttention, block_attention
 
 
 def inputs(p=2, c=4, queries=5, size=4, d=3, dtype=torch.float32, seed=0):

@@ -21,10 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cast.callbacks import PlainProgress, RunStats, peak_memory_mb
+from cast.app.callbacks import PlainProgress, RunStats, peak_memory_mb
 from cast.lit import LitClassifier
-from cast.results import write_results
-from cast.wandb_utils import finish_wandb, prepare_wandb_config, summarise_wandb
+from cast.app.results import write_results
+from cast.app.wandb_utils import finish_wandb, prepare_wandb_config, summarise_wandb
 
 META_KEYS = ("_target_", "_partial_")
 

@@ -7,7 +7,6 @@ exercises what real mechanisms rarely show on demand: an error, running out of m
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 import shutil
@@ -23,7 +22,7 @@ from PIL import Image
 
 from cast.attention.base import Attention
 from cast.attention.vanilla import VanillaAttention
-from cast.benchmark import (CONFIG_DIR, MATH, SKIPPED, TEXT_MODEL, VANILLA, Shape, Spec, cpu_peak_mb, cpu_peaks,
+from cast.bench.benchmark import (CONFIG_DIR, MATH, SKIPPED, TEXT_MODEL, VANILLA, Shape, Spec, cpu_peak_mb, cpu_peaks,
                             discover, load_attention, parse_options, peak_resettable, slope)
 from cast.models import LRAClassifier
 from tests.conftest import ROOT
@@ -34,9 +33,7 @@ TEST_PID = int(os.environ.setdefault("BENCH_TEST_PID", str(os.getpid())))
 TINY = ["--device", "cpu", "--lengths", "64,128", "--batch", "1", "--heads", "2", "--head-dim", "8", "--repeats", "1",
         "--threads", "1", "--min-time-ms", "5", "--system-malloc"]
 
-spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+import cast.bench.cli as bench
 
 
 class FailingAttention(VanillaAttention):
@@ -182,7 +179,7 @@ def test_a_worker_killed_mid_run_costs_only_its_job(configs):
 
 KEEP_PROBE = """
 import sys, torch
-from cast.benchmark import _proc_kb, keep_freed_memory
+from cast.bench.benchmark import _proc_kb, keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 block = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest default mmap threshold
 before = _proc_kb("VmRSS")

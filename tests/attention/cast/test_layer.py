@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-import cast.attention.cast_combine as cast_combine
-from cast.attention.cast import CASTAttention, combine, gated_mix, gather_tokens, token_rows
-from cast.attention.cast_clustering import Clusters
+import cast.attention.cast.combine as cast_combine
+from cast.attention.cast.layer import CASTAttention, combine, gated_mix, gather_tokens, token_rows
+from cast.attention.cast.clustering import Clusters
+from cast.app.paths import CONFIG_DIR
 from tests.attention.reference import LargestTensor, random_batch, softmax_attention
 
 D_MODEL, HEADS = 32, 4
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "attention" / "cast.yaml"
+CONFIG = CONFIG_DIR / "attention" / "cast.yaml"
 MODES = [
     {},
     {"clustering": "sa_topk"},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cast.benchmark import VANILLA, slope
+from cast.bench.benchmark import VANILLA, slope
 
 
 def plot(rows: list[dict], mode: str, path: Path) -> None:

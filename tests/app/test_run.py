@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from cast.run import eval_trainer
+from cast.app.run import eval_trainer
 from tests.conftest import compose_train
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cast.attention.cast_clustering import Clusters
+from cast.attention.cast.clustering import Clusters
 
 
 def token_rows(index: Tensor, n: int) -> Tensor:

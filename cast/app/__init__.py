@@ -1,0 +1,1 @@
+"""The application around the library: training, evaluation, results, W&B, reports."""

@@ -1,0 +1,1 @@
+"""The speed and memory benchmark: layers and models against sequence length, fidelity, peers."""
