@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +25,11 @@ from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from cast.app import registry
-from cast.app.results import read_results
+from cast.app import registry, reporting
+from cast.app.results import REQUIRED, read_results, write_results
 from cast.app.run import train
+from cast.bench.benchmark import Spec, discover
+from tasks.base import LRADataModule
 from tests.conftest import CONFIGS, ROOT, TINY, compose_train
 
 ATTENTIONS = registry.mechanisms()
@@ -265,3 +268,34 @@ def test_ddp_inside_a_multirun_writes_one_sweep_directory(listops_dir, tmp_path)
     assert len(sweeps) == 1, sweeps
     results = sorted(json.loads(p.read_text())["seed"] for p in sweeps[0].glob("*/results.json"))
     assert results == [0, 1]
+
+
+class ToyDataModule(LRADataModule):
+    """A task that exists only in the test below: its facts are all the registry needs."""
+
+    name = "toy"
+    label = "Toy"
+
+
+def test_a_new_mechanism_and_task_join_the_sweep_the_report_and_the_bench(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    (configs / "attention" / "aardvark.yaml").write_text((configs / "attention" / "vanilla.yaml").read_text())
+    (configs / "task" / "toy.yaml").write_text(
+        f"# @package _global_\ntask:\n  _target_: {__name__}.ToyDataModule\n  data_dir: nowhere\n  max_length: 8\n")
+    (configs / "experiment" / "lra" / "toy.yaml").write_text("# @package _global_\ndefaults:\n  - override /task: toy\n")
+
+    jobs = sweep_jobs(configs, "+sweep=lra")
+    assert len(jobs) == (len(ATTENTIONS) + 1) * (len(LRA_TASKS) + 1)
+    assert {"experiment/lra": "toy", "attention": "aardvark", "seed": "0"} in jobs
+    assert Spec("aardvark") in discover(configs / "attention")
+
+    monkeypatch.setattr(registry, "CONFIG_DIR", configs)
+    assert registry.mechanisms()[:3] == ["vanilla", "aardvark", "cast"]  # the baseline, then alphabetical
+    assert registry.tasks()[-1] == registry.Task("toy", "Toy", False, False, 100, f"{__name__}.ToyDataModule")
+    for i, (task, attention) in enumerate([("toy", "cast"), ("toy", "aardvark"), ("listops", "vanilla")]):
+        write_results(tmp_path / "runs" / str(i), {**dict.fromkeys(REQUIRED), "task": task, "attention": attention,
+                                                   "attention_options": {}, "status": "ok", "test_acc": 0.5})
+    table = reporting.lra_table(reporting.collect([tmp_path / "runs"]), paper=False)
+    assert [row.label for row in table.rows] == ["vanilla", "aardvark", "cast"]
+    assert table.keys[-2:] == ["toy", "avg"] and table.columns[-2:] == ["Toy", "Avg"]
