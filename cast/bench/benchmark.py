@@ -51,6 +51,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cast.app.memory import peak_memory_mb
+from cast.app.registry import BASELINE
 from cast.app.paths import CONFIG_DIR as CONFIG_ROOT
 from cast.models import LRAClassifier
 
@@ -92,7 +93,7 @@ class Spec:
         return ",".join(f"{k}={v}" for k, v in self.options)
 
 
-VANILLA = Spec("vanilla")
+VANILLA = Spec(BASELINE)
 MATH = Spec("vanilla", (("impl", "math"),))
 
 
