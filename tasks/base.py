@@ -178,6 +178,10 @@ class LRADataModule(L.LightningDataModule):
     """Base datamodule: subclasses provide ``build_split``, ``source_files`` and the class attributes below."""
 
     name: str = "task"
+    label: str = ""  # the report's column header (default: name)
+    lra_average: bool = False  # counts in the LRA five-task average
+    is_image: bool = False  # the sequence is a square pixel grid (visualize draws it as an image)
+    report_column: int = 100  # position among the report's columns (the LRA paper's order)
     num_classes: int = 2
     vocab_size: int = 256
     is_pair: bool = False

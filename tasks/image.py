@@ -66,6 +66,7 @@ def decode_png(payload: dict, source: str, row: int) -> np.ndarray:
 
 class ImageDataModule(LRADataModule):
     name = "image"
+    label, lra_average, is_image, report_column = "Image", True, True, 3
     num_classes = 10
     vocab_size = 257
 

@@ -51,6 +51,7 @@ def read_tsv(path: Path) -> tuple[list[str], list[int]]:
 
 class ListOpsDataModule(LRADataModule):
     name = "listops"
+    label, lra_average, report_column = "ListOps", True, 0
     num_classes = 10
     vocab_size = len(VOCAB) + 1
 

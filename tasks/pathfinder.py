@@ -107,6 +107,7 @@ def read_images(paths: list[Path], resolution: int, workers: int | None = None) 
 
 class PathfinderDataModule(LRADataModule):
     name = "pathfinder"
+    label, lra_average, is_image, report_column = "Pathfinder", True, True, 4
     num_classes = 2
     vocab_size = 257
 

@@ -48,6 +48,7 @@ def read_tsv(path: Path) -> tuple[list[bytes], list[bytes], list[int]]:
 
 class RetrievalDataModule(LRADataModule):
     name = "retrieval"
+    label, lra_average, report_column = "Retrieval", True, 2
     num_classes = 2
     vocab_size = 257
     is_pair = True

@@ -63,6 +63,7 @@ def validation_rows(n: int, fraction: float) -> tuple[Tensor, Tensor]:
 
 class TextDataModule(LRADataModule):
     name = "text"
+    label, lra_average, report_column = "Text", True, 1
     num_classes = 2
     vocab_size = 257
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
-import torch
 
-
-def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak memory: the CUDA allocator's on a GPU, the process's resident set on CPU."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+from cast.app.memory import peak_memory_mb  # noqa: F401 (run.py's results take the peak from here)
 
 
 class RunStats(L.Callback):

@@ -7,7 +7,8 @@
 Reads every results.json below the given run or multirun directories (no network) and writes
 into --out (default: DIR/report/ of the first DIR): report.md (all tables), lra.csv, lra.tex,
 clusters.csv, clusters.tex, clusters.png (accuracy against number of clusters, log2 axis, error
-bars over seeds) and runs.csv (every run, failed and unfinished ones included). Cells are
+bars over seeds) and runs.csv (every run, failed and unfinished ones included). Tables and plots
+hold finished runs only; failed and unfinished ones are listed apart, with their errors. Cells are
 mean ± sample std over seeds in percent; the best of each column is bold (Markdown, LaTeX) or
 starred (terminal). With --wandb the same tables go to a W&B run of job type ``report``, offline
 unless --wandb-online; sync later with ``wandb sync OUT/wandb/offline-run-*``.
@@ -16,13 +17,11 @@ unless --wandb-online; sync later with ``wandb sync OUT/wandb/offline-run-*``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import re
 import sys
 from pathlib import Path
 
-
+from cast.app import tables
 from cast.app.reporting import METRICS, Run, Table, cluster_table, collect, fmt, lra_table, unfinished
 
 RUN_FIELDS = ("task", "model", "attention", "seed", "status", "val_acc_best", "test_acc", "steps", "wall_time_s",
@@ -43,57 +42,35 @@ def _cells(table: Table, i: int, wrap) -> list[str]:
 
 
 def markdown(table: Table) -> str:
-    lines = [f"| {table.label_header} | {' | '.join(table.columns)} | Seeds |",
-             "|---" + "|---:" * len(table.columns) + "|---|"]
-    for i, row in enumerate(table.rows):
-        cells = _cells(table, i, lambda s: f"**{s}**")
-        label = row.label.replace("|", "\\|")
-        label = f"*{label}*" if row.reference else label
-        lines.append(f"| {label} | {' | '.join(cells)} | {','.join(map(str, row.seeds))} |")
-    return "\n".join(lines) + "\n"
-
-
-TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-       "}": r"\}", "±": r"$\pm$"}
-
-
-def _tex(text: str) -> str:
-    return re.sub("|".join(map(re.escape, TEX)), lambda m: TEX[m.group()], text)
+    head = [table.label_header, *table.columns, "Seeds"]
+    body = [[f"*{row.label}*" if row.reference else row.label, *_cells(table, i, lambda s: f"**{s}**"),
+             ",".join(map(str, row.seeds))] for i, row in enumerate(table.rows)]
+    return "\n".join(tables.markdown(head, body, right=range(1, len(head) - 1))) + "\n"
 
 
 def latex(table: Table) -> str:
-    lines = [f"% {table.title}", f"\\begin{{tabular}}{{l{'c' * len(table.columns)}}}", "\\toprule",
-             f"{table.label_header} & " + " & ".join(map(_tex, table.columns)) + " \\\\", "\\midrule"]
-    previous_reference = False
-    for i, row in enumerate(table.rows):
-        if row.reference and not previous_reference:
-            lines.append("\\midrule")
-        previous_reference = row.reference
-        cells = _cells(table, i, lambda s: f"@@{s}@@")
-        cells = [_tex(c).replace("@@", "\\textbf{", 1).replace("@@", "}", 1) for c in cells]
-        label = f"\\emph{{{_tex(row.label)}}}" if row.reference else _tex(row.label)
-        lines.append(f"{label} & " + " & ".join(cells) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    body = [[f"*{row.label}*" if row.reference else row.label, *_cells(table, i, lambda s: f"**{s}**")]
+            for i, row in enumerate(table.rows)]
+    first_reference = next((i for i, row in enumerate(table.rows) if row.reference), None)
+    return tables.latex([table.label_header, *table.columns], body, table.title,
+                        rule_before=() if first_reference is None else (first_reference,))
 
 
 def write_csv(table: Table, path: Path) -> None:
-    """One line per row; per column its mean, std, number of finished, failed and running runs."""
-    fields = ("mean", "std", "n", "failed", "running")
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        header = [f"{key}_{field}" for key in table.keys for field in fields]
-        writer.writerow([table.label_header.lower(), "source", *header, "seeds"])
-        for row in table.rows:
-            values: list = [row.label, "reported" if row.reference else "runs"]
-            for cell in row.cells:
-                if cell is None:
-                    values += [""] * len(fields)
-                    continue
-                derived = cell.mean_override is not None  # an average or a reported number: no run counts
-                counts = ["", "", ""] if derived else [len(cell.values), cell.failed, cell.running]
-                values += [_blank(cell.mean), _blank(cell.std), *counts]
-            writer.writerow(values + [" ".join(map(str, row.seeds))])
+    """One line per row; per column its mean, std and number of finished runs."""
+    fields = ("mean", "std", "n")
+    body = []
+    for row in table.rows:
+        values: list = [row.label, "reported" if row.reference else "runs"]
+        for cell in row.cells:
+            if cell is None:
+                values += [""] * len(fields)
+                continue
+            derived = cell.mean_override is not None  # an average or a reported number: no run counts
+            values += [_blank(cell.mean), _blank(cell.std), "" if derived else len(cell.values)]
+        body.append(values + [" ".join(map(str, row.seeds))])
+    header = [f"{key}_{field}" for key in table.keys for field in fields]
+    tables.write_csv(path, [table.label_header.lower(), "source", *header, "seeds"], body)
 
 
 def _blank(value):
@@ -101,12 +78,9 @@ def _blank(value):
 
 
 def write_runs(runs: list[Run], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, RUN_FIELDS)
-        writer.writeheader()
-        for run in runs:
-            row = {k: run.results.get(k) for k in RUN_FIELDS}
-            writer.writerow({**row, "task": run.task, "model": run.model, "run_dir": str(run.path.parent)})
+    records = [{**{k: run.results.get(k) for k in RUN_FIELDS}, "task": run.task, "model": run.model,
+                "run_dir": str(run.path.parent)} for run in runs]
+    tables.write_records(path, records, RUN_FIELDS)
 
 
 def print_table(table: Table) -> None:
@@ -122,8 +96,9 @@ def print_table(table: Table) -> None:
     Console(width=None if sys.stdout.isatty() else 200).print(shown)
 
 
-def plot_clusters(table: Table, metric: str, path: Path) -> None:
-    """Accuracy against number of clusters, one line per task (variant), std error bars."""
+def cluster_figure(table: Table, metric: str):
+    """Accuracy against number of clusters, one line per task (variant), std error bars; the
+    counts on a log2 axis labelled with the integers themselves (4, 8, 16, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,22 +113,28 @@ def plot_clusters(table: Table, metric: str, path: Path) -> None:
                         marker="o", capsize=3, label=row.label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
     ax.set_xlabel("number of clusters (surrogate tokens)")
     ax.set_ylabel(f"{metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def plot_clusters(table: Table, metric: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = cluster_figure(table, metric)
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
 def unfinished_markdown(runs: list[Run]) -> str:
-    lines = ["| Task | Model | Seed | Status | Error | Run directory |", "|---|---|---|---|---|---|"]
-    for run in runs:
-        error = " ".join((run.results.get("error") or "").split())[:300]
-        lines.append(f"| {run.task} | {run.model} | {run.results.get('seed')} | {run.status} | "
-                     f"{error.replace('|', '/')} | {run.path.parent} |")
-    return "\n".join(lines) + "\n"
+    head = ["Task", "Model", "Seed", "Status", "Error", "Run directory"]
+    body = [[run.task, run.model, str(run.results.get("seed")), run.status,
+             " ".join((run.results.get("error") or "").split())[:300], str(run.path.parent)] for run in runs]
+    return "\n".join(tables.markdown(head, body)) + "\n"
 
 
 def wandb_tables(table: Table):

@@ -9,8 +9,8 @@ nothing is fetched from a network service. Vocabulary:
   model on one task that differ only in the seed are the samples of one *cell*;
 - a cell shows mean ± sample standard deviation (n − 1) over its finished runs, in percent.
 
-Failed and unfinished runs (``status`` ``failed`` / ``running``) are kept: a cell without any
-finished run says so, and :func:`unfinished` lists them all.
+Tables hold finished runs only: failed and unfinished ones (``status`` ``failed`` / ``running``) never
+make a row, column or point; :func:`unfinished` lists them apart. Row and column order: cast.app.registry.
 """
 
 from __future__ import annotations
@@ -26,13 +26,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from cast.app import registry
 from cast.app.results import read_results
 
-# Column order of the LRA paper; Path-X is an extra column, outside the five-task average.
-LRA_TASKS = {"listops": "ListOps", "text": "Text", "retrieval": "Retrieval", "image": "Image",
-             "pathfinder": "Pathfinder"}
-EXTRA_TASKS = {"pathx": "Path-X"}
-ORDER = ("vanilla", "cast", "clustered", "iclustered", "fastmax", "performer", "reformer")
 METRICS = ("test_acc", "val_acc_best")
 
 # Reported test accuracy in percent, as lra.md lists it: Transformer, Reformer, Performer and
@@ -85,8 +81,6 @@ class Run:
 @dataclass
 class Cell:
     values: list[float]               # one per finished run, in percent
-    failed: int = 0
-    running: int = 0
     mean_override: float | None = None  # one given number: an average of cells, a reported result
 
     @property
@@ -177,7 +171,8 @@ def load_run(path: Path) -> Run:
 
 
 def collect(dirs: list[str | Path]) -> list[Run]:
-    """Every run below the given run or multirun directories, labelled by model."""
+    """Every run below the given run or multirun directories, labelled by model: finished runs by
+    what tells them apart from each other, the others by what tells them apart from every run."""
     paths: set[Path] = set()
     for d in map(Path, dirs):
         if not d.exists():
@@ -185,6 +180,7 @@ def collect(dirs: list[str | Path]) -> list[Run]:
         paths.update(p.resolve() for p in ([d] if d.is_file() else d.rglob("results.json")))
     runs = [load_run(p) for p in sorted(paths)]
     name_models(runs)
+    name_models(finished(runs))
     return runs
 
 
@@ -203,74 +199,82 @@ def name_models(runs: list[Run]) -> None:
         run.parts = {k: run.settings[k] for k in keys if k in run.settings}
 
 
+def finished(runs: list[Run]) -> list[Run]:
+    """The runs that go into tables and plots."""
+    return [r for r in runs if r.status == "ok" and r.readable]
+
+
 def _cell(runs: list[Run], metric: str) -> Cell:
-    values = [100 * r.results[metric] for r in runs if r.status == "ok" and r.results.get(metric) is not None]
-    return Cell(values, sum(r.status == "failed" for r in runs), sum(r.status == "running" for r in runs))
+    return Cell([100 * r.results[metric] for r in runs if r.results.get(metric) is not None])
 
 
 def _seeds(runs: list[Run]) -> list[int]:
-    return sorted({r.results["seed"] for r in runs if r.status == "ok" and r.results.get("seed") is not None})
+    return sorted({r.results["seed"] for r in runs if r.results.get("seed") is not None})
 
 
 def _index(order, item) -> int:
     return order.index(item) if item in order else len(order)
 
 
-def _row_order(label: str) -> tuple:
-    return (_index(ORDER, label.split(" ", 1)[0]), natural_key(label))
+def _row_order(label: str, mechanisms: list[str]) -> tuple:
+    return (_index(mechanisms, label.split(" ", 1)[0]), natural_key(label))
 
 
 def lra_table(runs: list[Run], metric: str = "test_acc", paper: bool = True) -> Table:
-    """Model × task in the LRA paper's layout, with the five-task average and the paper's rows."""
-    runs = [r for r in runs if r.readable]
-    tasks = sorted({r.task for r in runs})
-    keys = list(LRA_TASKS) + [t for t in EXTRA_TASKS if t in tasks]
-    keys += sorted(t for t in tasks if t not in keys)  # tasks this project does not know by name
+    """Model × task in the LRA paper's layout, with the five-task average and the paper's rows;
+    the average's tasks always have a column, the others when they have runs."""
+    runs = finished(runs)
+    known, present = registry.tasks(), {r.task for r in runs}
+    shown = [t for t in known if t.lra_average or t.name in present]
+    unknown = sorted(present - {t.name for t in known})  # tasks with no config here: after the others
+    keys = [t.name for t in shown] + unknown
+    averaged = {t.name for t in known if t.lra_average}
     by_model: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_model[run.model].append(run)
+    mechanisms = registry.mechanisms()
     rows = []
-    for label in sorted(by_model, key=_row_order):
+    for label in sorted(by_model, key=lambda m: _row_order(m, mechanisms)):
         members = by_model[label]
         cells: list[Cell | None] = [
             _cell([r for r in members if r.task == t], metric) if any(r.task == t for r in members) else None
             for t in keys
         ]
-        rows.append(Row(label, cells + [_average(keys, cells)], _seeds(members)))
+        rows.append(Row(label, cells + [_average(keys, cells, averaged)], _seeds(members)))
     if paper:
-        rows += [_paper_row(name, keys) for name in PAPER]
-    columns = [LRA_TASKS.get(t) or EXTRA_TASKS.get(t) or t for t in keys] + ["Avg"]
+        rows += [_paper_row(name, keys, averaged) for name in PAPER]
+    columns = [t.label for t in shown] + unknown + ["Avg"]
     return Table(f"LRA accuracy (%), {metric}", columns, keys + ["avg"], rows)
 
 
-def _average(keys: list[str], cells: list[Cell | None]) -> Cell | None:
-    means = [c.mean if c else None for t, c in zip(keys, cells) if t in LRA_TASKS]
-    if any(m is None for m in means):
+def _average(keys: list[str], cells: list[Cell | None], averaged: set[str]) -> Cell | None:
+    means = [c.mean if c else None for t, c in zip(keys, cells) if t in averaged]
+    if not means or any(m is None for m in means):
         return None
     return Cell([], mean_override=statistics.fmean(means))
 
 
-def _paper_row(name: str, keys: list[str]) -> Row:
+def _paper_row(name: str, keys: list[str], averaged: set[str]) -> Row:
     scores = PAPER[name]
     cells: list[Cell | None] = [Cell([], mean_override=scores[t]) if t in scores else None for t in keys]
     avg = scores.get("avg")
-    if avg is None and all(t in scores for t in LRA_TASKS):
-        avg = statistics.fmean(scores[t] for t in LRA_TASKS)
+    if avg is None and all(t in scores for t in averaged):
+        avg = statistics.fmean(scores[t] for t in averaged)
     return Row(name, cells + [None if avg is None else Cell([], mean_override=avg)], reference=True)
 
 
 def cluster_table(runs: list[Run], metric: str = "test_acc", attention: str = "cast") -> Table | None:
-    """Accuracy per task (and variant) × number of clusters; None without such runs."""
-    chosen = [r for r in runs if r.attention == attention and "num_clusters" in r.settings]
+    """Accuracy per task (and variant) × number of clusters, from finished runs; None without such runs."""
+    chosen = [r for r in finished(runs) if r.attention == attention and "num_clusters" in r.settings]
     if not chosen:
         return None
     counts = sorted({int(r.settings["num_clusters"]) for r in chosen})
+    labels = {t.name: t.label for t in registry.tasks()}
+    task_order = list(labels)
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in chosen:
         rest = {k: v for k, v in run.parts.items() if k != "num_clusters"}
-        name = LRA_TASKS.get(run.task) or EXTRA_TASKS.get(run.task) or run.task
-        groups[model_label(name, rest)].append(run)
-    task_order = [*LRA_TASKS, *EXTRA_TASKS]
+        groups[model_label(labels.get(run.task, run.task), rest)].append(run)
     rows = []
     for label in sorted(groups, key=lambda g: (_index(task_order, groups[g][0].task), natural_key(g))):
         members = groups[label]
@@ -289,11 +293,7 @@ def unfinished(runs: list[Run]) -> list[Run]:
 
 
 def fmt(cell: Cell | None) -> str:
-    """A cell as text: '36.37 ± 0.52', '36.37', 'failed', 'running' or '-'."""
-    if cell is None:
+    """A cell as text: '36.37 ± 0.52', '36.37' or '-'."""
+    if cell is None or cell.mean is None:
         return "-"
-    if cell.mean is None:
-        return "running" if cell.running else "failed" if cell.failed else "-"
-    text = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")
-    problems = [f"{n} {what}" for n, what in ((cell.failed, "failed"), (cell.running, "running")) if n]
-    return text + (f" ({', '.join(problems)})" if problems else "")
+    return f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if cell.std is not None else "")

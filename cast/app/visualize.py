@@ -5,11 +5,12 @@
 
 ``clusters`` reloads a trained run (its .hydra/config.yaml and best checkpoint, as eval.py does),
 runs one batch of the test split with every CAST layer recording, and draws the clusters of one
-sample: for image-like tasks (Image, Pathfinder, Path-X: the sequence is a side × side grid) one
+sample: for image tasks (the datamodule's ``is_image``: Image, Pathfinder, Path-X; the sequence is a side × side grid) one
 side × side mask per surrogate token next to the input and the gate map; for text-like tasks a
 strip of the tokens coloured by cluster above the cluster × token membership matrix.
 ``samples`` builds the task's datamodule from configs/ with the given overrides and draws a
-grid of samples with their labels (images for image-like tasks, token strips otherwise).
+grid of samples with their labels (images for image tasks, token strips otherwise) into
+outputs/visualize/ (relative to the current directory, as train.py's outputs/runs/).
 
 Shapes: B batch, h heads, Nc clusters, κ slots per cluster, N tokens (N + 1 with a CLS token,
 which sits at position 0 and is left out of every picture), side = √N for image-like tasks.
@@ -29,16 +30,17 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from matplotlib.ticker import MaxNLocator
+
 from cast.app.paths import CONFIG_DIR
 
+OUTPUT_DIR = Path("outputs") / "visualize"  # the samples' default folder, below the current directory
 
-IMAGE_TASKS = ("image", "pathfinder", "pathx")  # and pathfinder64, pathfinder256...
 
-
-def image_side(name: str, length: int, layout: str = "auto") -> int | None:
-    """The grid side of an image-like task, None for text-like ones."""
+def image_side(is_image: bool, length: int, layout: str = "auto") -> int | None:
+    """The grid side of an image task's sequence (is_image: its datamodule's class attribute), None for text-like ones."""
     side = math.isqrt(length)
-    if layout == "text" or (layout == "auto" and not name.startswith(IMAGE_TASKS)):
+    if layout == "text" or (layout == "auto" and not is_image):
         return None
     if side * side != length:
         if layout == "image":
@@ -84,6 +86,12 @@ def draw_image_clusters(pixels: np.ndarray, member: np.ndarray, gates: np.ndarra
 
 
 def draw_text_clusters(member: np.ndarray, real: np.ndarray, title: str, path: Path) -> None:
+    fig = text_clusters_figure(member, real, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def text_clusters_figure(member: np.ndarray, real: np.ndarray, title: str):
     """member (Nc, N), real (N) bool -> a strip coloured by each token's first cluster + the matrix."""
     member = member[:, real]
     first = np.where(member.any(0), member.argmax(0), -1).astype(float)
@@ -96,10 +104,10 @@ def draw_text_clusters(member: np.ndarray, real: np.ndarray, title: str, path: P
     matrix.imshow(member, aspect="auto", cmap="Greys", interpolation="nearest")
     matrix.set_xlabel("token position")
     matrix.set_ylabel("cluster")
+    matrix.yaxis.set_major_locator(MaxNLocator(integer=True))  # clusters are whole numbers: no 2.5
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def draw_samples(ids: np.ndarray, labels: np.ndarray, side: int | None, title: str, path: Path) -> None:
@@ -158,7 +166,7 @@ def clusters(args) -> Path:
     ids, real = batch["input_ids"][b], batch["mask"][b]
     offset = int(lit.model.embedding.cls)
     member = memberships(layer.last_clusters.index[b, h], layer.last_clusters.valid[b, h], len(ids), offset)
-    side = image_side(datamodule.name, len(ids), args.layout)
+    side = image_side(datamodule.is_image, len(ids), args.layout)
     title = (f"{datamodule.name}, {args.split} sample {b} (label {int(batch['label'][b])}), layer {args.layer}, "
              f"head {h}: {len(member)} clusters  [{checkpoint.name}]")
     out = args.out or args.run_dir / f"clusters_layer{args.layer}_head{h}_sample{b}.png"
@@ -178,8 +186,9 @@ def samples(args) -> Path:
         cfg = compose("train", overrides=args.overrides)
     datamodule = instantiate(cfg.task)
     batch = first_batch(datamodule, args.split, args.n)
-    side = image_side(datamodule.name, batch["input_ids"].shape[1], args.layout)
-    out = args.out or Path(f"samples_{datamodule.name}_{args.split}.png")
+    side = image_side(datamodule.is_image, batch["input_ids"].shape[1], args.layout)
+    out = args.out or OUTPUT_DIR / f"samples_{datamodule.name}_{args.split}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     draw_samples(batch["input_ids"].numpy(), batch["label"].numpy(), side,
                  f"{datamodule.name}, {args.split} split, {len(batch['label'])} samples", out)
     return out
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--split", choices=("train", "val", "test"), default="test" if p is c else "train")
         p.add_argument("--layout", choices=("auto", "image", "text"), default="auto",
                        help="auto: image grid for Image/Pathfinder/Path-X, token strip otherwise")
-        p.add_argument("--out", type=Path, help="PNG path (default: in the run directory / current directory)")
+        p.add_argument("--out", type=Path, help=f"PNG path (default: in the run directory / {OUTPUT_DIR}/)")
     args = parser.parse_args(argv)
     out = clusters(args) if args.command == "clusters" else samples(args)
     print(f"wrote {out}")

@@ -50,6 +50,8 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cast.app.memory import peak_memory_mb
+from cast.app.registry import BASELINE
 from cast.app.paths import CONFIG_DIR as CONFIG_ROOT
 from cast.models import LRAClassifier
 
@@ -91,7 +93,7 @@ class Spec:
         return ",".join(f"{k}={v}" for k, v in self.options)
 
 
-VANILLA = Spec("vanilla")
+VANILLA = Spec(BASELINE)
 MATH = Spec("vanilla", (("impl", "math"),))
 
 
@@ -200,11 +202,6 @@ def _proc_kb(field: str) -> int:
     raise KeyError(f"/proc/self/status has no {field}")
 
 
-def _maxrss_mb() -> float:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
 def peak_resettable() -> bool:
     return os.access(CLEAR_REFS, os.W_OK)
 
@@ -233,9 +230,9 @@ def keep_freed_memory() -> bool:
 def cpu_peak_mb(step: Callable[[], None]) -> float:
     """Peak resident-set growth during one step (see the module docstring)."""
     if not peak_resettable():
-        before = _maxrss_mb()
+        before = peak_memory_mb()
         step()
-        return _maxrss_mb() - before
+        return peak_memory_mb() - before
     step()
     gc.collect()
     try:

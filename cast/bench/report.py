@@ -3,12 +3,13 @@ layout; the fidelity table) with the run's header, and the CSV."""
 
 from __future__ import annotations
 
-import csv
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
+from cast.app.tables import markdown as markdown_table
+from cast.app.tables import write_records
 from cast.bench.benchmark import VANILLA, slope
 
 
@@ -50,10 +51,6 @@ def short_status(row: dict) -> str:
     return "OOM" if status.startswith("oom") else "skipped" if status.startswith("skipped") else "error"
 
 
-def markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in body]
-
-
 def speed_cell(r: dict | None) -> str:
     if r is None or r.get("time_ms") is None:
         return short_status(r) if r else ""
@@ -89,8 +86,9 @@ def header(title: str, args, elapsed: float) -> list[str]:
              f"- layer: batch {args.batch}, {args.heads} heads of width {args.head_dim} (d_model {args.heads * args.head_dim})"]
     if args.fidelity:
         return lines + [""]
-    return lines + [f"- model: the LRA Text model, batch {args.batch}",
-                    f"- repeats: {args.repeats} (median), each after one untimed step; warm-up steps: "
+    # --quick and --targets measure the layer only: no model line for a model that was not run.
+    model = [f"- model: the LRA Text model, batch {args.batch}"] if args.mode in ("model", "both") else []
+    return lines + model + [f"- repeats: {args.repeats} (median), each after one untimed step; warm-up steps: "
                     f"{args.warmup}; at least {args.min_time_ms:g} ms per mechanism and repeat",
                     f"- CPU malloc: {malloc_line(args)}", ""]
 
@@ -133,9 +131,5 @@ def fidelity_markdown(rows, args, elapsed) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: "" if r.get(k) is None else f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]
-                             for k in columns})
+    """The bench's rows, floats to 6 significant digits (a timing has no more)."""
+    write_records(path, rows, columns, digits=6)

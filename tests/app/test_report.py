@@ -21,6 +21,7 @@ from tests.wandb_records import summary as wandb_summary
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 import cast.app.report as report
+import cast.app.reporting as reporting
 
 
 def fake_run(run_dir: Path, task: str, attention: str, seed: int, acc: float | None, status: str = "ok",
@@ -95,16 +96,18 @@ def test_lra_layout_average_pathx_and_variants(tmp_path):
     assert "Path-X" in tex and "\\emph{Transformer (reported)}" in tex
 
 
-def test_failed_and_running_runs_are_listed_not_dropped(tmp_path):
+def test_failed_and_running_runs_are_listed_apart_not_tabled(tmp_path):
     fake_run(tmp_path / "ok", "listops", "cast", 0, 0.4)
-    fake_run(tmp_path / "failed", "listops", "cast", 1, None, status="failed")
+    fake_run(tmp_path / "failed", "listops", "cast", 1, None, status="failed", clustering="topk")
     fake_run(tmp_path / "running", "text", "cast", 0, None, status="running")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text("{not json")
     assert report.main([str(tmp_path)]) == 0
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| cast | **40.00** (1 failed) | running |" in md
-    unfinished = md.split("## Failed or unfinished runs")[1]
+    table, unfinished = md.split("## Failed or unfinished runs")
+    assert "| cast | **40.00** | - | - | - | - | - | 0 |" in table  # its settings name no failed run's
+    assert "failed" not in table.split("\n", 3)[3] and "running" not in table
+    assert "| listops | cast (clustering=topk) | 1 | failed |" in unfinished
     assert "RuntimeError: out of memory" in unfinished and "| running |" in unfinished
     assert "unreadable results.json" in unfinished
     statuses = sorted(r["status"] for r in csv.DictReader(open(tmp_path / "report" / "runs.csv")))
@@ -114,6 +117,24 @@ def test_failed_and_running_runs_are_listed_not_dropped(tmp_path):
 def test_no_runs_is_an_error_that_names_the_directory(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 1
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_a_failed_cluster_count_is_no_column_and_the_axis_counts_in_powers_of_two(tmp_path):
+    for nc in (4, 8, 16, 64):
+        fake_run(tmp_path / f"nc{nc}", "listops", "cast", 0, 0.3 + nc / 1000, num_clusters=nc)
+    fake_run(tmp_path / "nc0", "listops", "cast", 0, None, status="failed", num_clusters=0)
+    runs = reporting.collect([tmp_path])
+    table = reporting.cluster_table(runs)
+    assert table.keys == ["4", "8", "16", "64"]
+    fig = report.cluster_figure(table, "test_acc")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    shown = [t.get_text() for t in ax.get_xticklabels() if ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert shown == ["4", "8", "16", "64"]
+    assert ax.get_xlim()[0] > 2  # no point at 0 squeezing the real ones to the right
+    assert report.main([str(tmp_path)]) == 0
+    assert list(read_csv(tmp_path / "report" / "clusters.csv")["ListOps"])[1:3] == ["source", "4_mean"]
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +162,15 @@ def test_report_of_a_real_sweep_matches_its_results_files(sweep, tmp_path):
         ok = [r for r in results if r["status"] == "ok" and f"model.n_layers={layers}" in _overrides(r)]
         assert len(ok) == 2
         values = [100 * r["val_acc_best"] for r in ok]
-        row = rows[f"vanilla (model.n_layers={layers}, model.pooling=cls)"]
+        row = rows[f"vanilla (model.n_layers={layers})"]  # pooling varies among failed runs only
         assert float(row["listops_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-9)
         assert float(row["listops_std"]) == pytest.approx(statistics.stdev(values), abs=1e-9)
         assert row["seeds"] == "0 1"
-        failed = rows[f"vanilla (model.n_layers={layers}, model.pooling=max)"]
-        assert failed["listops_n"] == "0" and failed["listops_failed"] == "2"
+        assert row["listops_n"] == "2"
+    assert len(rows) == 2 + 7  # two models, seven reported rows: the failed settings make no row
     md = (tmp_path / "report.md").read_text()
     table, listed = md.split("## Failed or unfinished runs")
-    assert "| vanilla (model.n_layers=2, model.pooling=max) | failed | - |" in table
+    assert "pooling=max" not in table and "model.pooling=max" in listed
     assert listed.count("| failed |") == 4 and listed.count("model.pooling='max' is not one of") == 4
     assert "8 runs: 4 finished, 4 failed or unfinished." in md
     assert "failed or unfinished runs:" in done.stdout
@@ -174,10 +195,10 @@ def test_wandb_leaderboard_is_written_offline(sweep, tmp_path):
     payload = json.loads((runs[0] / "files" / board["path"]).read_text())
     assert payload["columns"][:4] == ["model", "source", "ListOps", "ListOps std"]
     assert payload["columns"][-3:] == ["Avg", "Avg std", "seeds"]
-    assert board["nrows"] == len(payload["data"]) == 4 + 7  # four models, seven reported rows
+    assert board["nrows"] == len(payload["data"]) == 2 + 7  # two models, seven reported rows
     expected = read_csv(tmp_path / "lra.csv")
     for line in payload["data"]:
         row = dict(zip(payload["columns"], line))
         mean = expected[row["model"]]["listops_mean"]
         assert row["ListOps"] == (float(mean) if mean else None)
-    assert "vanilla (model.n_layers=2, model.pooling=max)" in [line[0] for line in payload["data"]]
+    assert "vanilla (model.n_layers=2)" in [line[0] for line in payload["data"]]

@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from cast.app import registry
 from cast.app.run import load_run, train
 from tests.conftest import ROOT
 
@@ -37,14 +39,32 @@ def test_memberships_drop_the_cls_token_and_invalid_slots():
 
 
 def test_image_side_only_for_square_image_tasks():
-    assert visualize.image_side("image", 1024) == 32
-    assert visualize.image_side("pathfinder", 1024) == 32
-    assert visualize.image_side("pathx", 128 * 128) == 128
-    assert visualize.image_side("listops", 1024) is None
-    assert visualize.image_side("listops", 64, layout="image") == 8
-    assert visualize.image_side("image", 1000) is None
+    facts = {t.name: t.is_image for t in registry.tasks()}
+    assert {name for name, image in facts.items() if image} == {"image", "pathfinder", "pathx"}
+    assert visualize.image_side(facts["image"], 1024) == 32
+    assert visualize.image_side(facts["pathx"], 128 * 128) == 128
+    assert visualize.image_side(facts["listops"], 1024) is None
+    assert visualize.image_side(False, 64, layout="image") == 8
+    assert visualize.image_side(True, 1000) is None
     with pytest.raises(SystemExit, match="not a square"):
-        visualize.image_side("listops", 60, layout="image")
+        visualize.image_side(False, 60, layout="image")
+
+
+def test_cluster_matrix_ticks_are_whole_clusters():
+    member = (np.random.default_rng(0).random((16, 64)) < 0.2).astype(np.float32)
+    fig = visualize.text_clusters_figure(member, np.ones(64, bool), "t")
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    plt.close(fig)
+    assert ticks and all(t.lstrip("−-").isdigit() for t in ticks), ticks
+
+
+def test_samples_land_under_outputs_visualize(listops_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert visualize.main(["samples", "task=listops", f"task.data_dir={listops_dir}", "task.max_length=64",
+                           "--n", "2"]) == 0
+    assert list(tmp_path.glob("*.png")) == []
+    png_size(tmp_path / "outputs" / "visualize" / "samples_listops_train.png")
 
 
 def test_drawings_are_pngs(tmp_path):

@@ -156,6 +156,7 @@ def test_quick_run_draws_a_valid_png_and_a_markdown_table(quick_run):
     assert "| failing | error | error |" in text and "| hungry | OOM | skipped |" in text
     assert "duration:" in text and "deliberately broken" in text
     assert "- CPU malloc: the system's default (--system-malloc)" in text
+    assert "- layer: batch" in text and "- model:" not in text  # --quick measures the layer only
 
 
 def test_model_mode_times_a_text_model_training_step_whose_memory_holds_its_gradients(tmp_path):
