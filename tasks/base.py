@@ -10,31 +10,31 @@ task's settings, with the path, size and modification time of each source file b
 (``*.sources.json``): replaced or added data files rebuild the cache. It widens each batch in
 :meth:`LRADataModule.batch_transform` to ``input_ids`` long, ``mask`` bool (id != 0), ``label``
 long: Retrieval's cache is then 3 GB instead of 13 GB, and Path-X's 3.3 GB instead of 26 GB.
+Tasks with a generator find their data with :meth:`LRADataModule.find_data`: found under
+``data_dir``, else generated when ``generate`` is on, else DataNotFoundError naming the command.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from tasks.errors import DataFormatError, DataNotFoundError  # noqa: F401  (the tasks import both from here)
+from tasks.generated import MANIFEST, normal, recorded
+
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-class DataNotFoundError(FileNotFoundError):
-    """Raised when a task's files are missing; the message says which command provides them."""
-
-
-class DataFormatError(ValueError):
-    """Raised on a malformed data file; the message names the file, the line or field, and the fix."""
 
 
 class TensorDictDataset(Dataset):
@@ -127,6 +127,16 @@ def pad_batch(sequences: Sequence[Sequence[int]], max_length: int, dtype: torch.
     return ids
 
 
+def byte_ids(docs: Sequence[bytes], max_length: int) -> Tensor:
+    """Byte strings -> ids (M, max_length) int16 with id = byte + 1, 0 = padding (LRA's byte-level text)."""
+    ids = np.zeros((len(docs), max_length), dtype=np.int16)
+    for row, doc in enumerate(docs):
+        chunk = np.frombuffer(doc[:max_length], dtype=np.uint8)
+        ids[row, : len(chunk)] = chunk
+        ids[row, : len(chunk)] += 1
+    return torch.from_numpy(ids)
+
+
 def find_path(root: str | Path, relative: str) -> Path | None:
     """Find ``relative`` (e.g. ``listops-1000/basic_train.tsv``) at any depth below ``root``.
 
@@ -182,6 +192,7 @@ class LRADataModule(L.LightningDataModule):
     vocab_size: int = 256
     is_pair: bool = False
     pixel0_is_padding: bool = False  # image tasks: black pixels become padding (the LRA code's habit)
+    generate: bool = False  # tasks with a generator: generate missing or stale data on first use
 
     def __init__(
         self,
@@ -201,6 +212,7 @@ class LRADataModule(L.LightningDataModule):
         self.seed = seed
         self.splits: dict[str, dict[str, Tensor]] = {}
         self._resume = (0, 0)
+        self._located: dict[str, Path] = {}
 
     def cache_key(self) -> dict:
         """Settings that change the tensors; subclasses add theirs."""
@@ -214,6 +226,45 @@ class LRADataModule(L.LightningDataModule):
         """The files ``build_split(split)`` would read now, found without reading (or generating)
         them, [] when there are none; implemented by each task."""
         raise TypeError(f"{type(self).__name__} does not define source_files()")
+
+    def locate(self, relative: str) -> Path | None:
+        """``find_path(data_dir, relative)``, remembered once found: every split's cache check and
+        the reader ask, and a deep folder costs a listing of every folder above its level."""
+        if relative not in self._located:
+            found = find_path(self.data_dir, relative)
+            if found is None:
+                return None
+            self._located[relative] = found
+        return self._located[relative]
+
+    def find_data(self, relative: str, label: str, command: str, settings: dict, write: Callable[[Path], object]) -> Path:
+        """The folder ``relative`` at any depth under data_dir, generated first if ``generate`` asks.
+
+        With ``generate`` on, a missing folder is generated into data_dir by ``write(out)``, and a
+        generated one whose manifest records other ``settings`` is generated again in its place;
+        a folder without a manifest (the LRA release's) is used as it is and never touched.
+        Otherwise a missing folder raises DataNotFoundError naming ``prepare_data.py {command}``.
+        """
+        found = self.locate(relative)
+        have = recorded(found) if found is not None else None
+        if self.generate and (found is None or have not in (None, normal(settings))):
+            if found is not None:
+                changed = sorted(k for k, v in normal(settings).items() if have.get(k) != v)
+                log.warning("%s was generated with other %s; generating it again", found, ", ".join(changed))
+            write(self.data_dir if found is None else found.parents[len(Path(relative).parts) - 1])
+            self._located.pop(relative, None)
+            found = self.locate(relative)
+        elif self.generate and have is None:
+            log.warning("%s has no %s (the LRA release's, or generated before settings were recorded): "
+                        "used as it is, whatever the generator settings say", found, MANIFEST)
+        if found is None:
+            raise DataNotFoundError(
+                f"{label}: no {relative} under {self.data_dir}. Generate it with\n"
+                f"    python scripts/prepare_data.py {command.format(out=self.data_dir)}\n"
+                "or unpack the LRA release there (python scripts/prepare_data.py lra_release), "
+                "or set task.generate=true to generate it on first use."
+            )
+        return found
 
     def source_identity(self, split: str) -> list[list]:
         """[path relative to data_dir, size, mtime in ns] of each source file, sorted."""

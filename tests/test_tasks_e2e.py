@@ -9,9 +9,8 @@ import pytest
 from cast.app.run import train
 from tasks.pathfinder_generator import write_release as write_pathfinder
 from tests.conftest import TINY, compose_train
-from tests.tasks.test_image import cifar
-from tests.tasks.test_retrieval import write_release as write_aan
-from tests.tasks.test_text import imdb_dict
+from tests.helpers.aan import write_release as write_aan
+from tests.helpers.hub import cifar, imdb_dict
 
 pytestmark = pytest.mark.slow
 

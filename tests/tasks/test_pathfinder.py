@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import pathfinder
+from tasks import base, pathfinder
 from tasks.base import DataFormatError, DataNotFoundError, find_path
 from tasks.pathfinder import PathfinderDataModule, read_images, read_metadata
 from tasks.pathfinder_generator import write_release
@@ -108,7 +108,7 @@ def test_empty_image_is_skipped_and_nesting_is_found(copy):
 def test_a_nested_folder_is_searched_for_once_per_datamodule(copy, monkeypatch):
     root = copy("lra_release/lra_release")
     searches = []
-    monkeypatch.setattr(pathfinder, "find_path", lambda *a: searches.append(a) or find_path(*a))
+    monkeypatch.setattr(base, "find_path", lambda *a: searches.append(a) or find_path(*a))
     for _ in range(2):  # building the caches, then loading them
         PathfinderDataModule(str(root.parents[1])).setup()
         assert len(searches) == 1
