@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -63,25 +65,25 @@ def hub_split_files(data_dir: Path, split: str) -> list[Path]:
     return _parquet_files(data_dir, split)
 
 
-def _hub_tables(data_dir: Path, split: str, columns: list[str]):
-    """A local Hugging Face copy's ``split``: yields (source file or folder, pyarrow.Table).
+def _hub_readers(data_dir: Path, split: str, columns: list[str]) -> list[tuple[str, Callable[[], object]]]:
+    """A local Hugging Face copy's ``split``: [(source file or folder, function reading it as a
+    pyarrow.Table)].
 
     Accepts a ``save_to_disk`` DatasetDict (a folder holding ``dataset_dict.json`` and one
     sub-folder per split) or the hub's parquet files (``plain_text/train-00000-of-00001.parquet``
-    or ``.../train/0000.parquet``) at any depth under ``data_dir``; yields nothing when neither
-    holds the split.
+    or ``.../train/0000.parquet``) at any depth under ``data_dir``; [] when neither holds the split.
     """
     saved = _saved_dataset(data_dir, split)
     if saved is not None:
-        import datasets
+        def read_saved():
+            import datasets
 
-        dataset = datasets.load_from_disk(str(saved))
-        yield str(saved), dataset[split].select_columns(columns).with_format("arrow")[:]
-        return
+            return datasets.load_from_disk(str(saved))[split].select_columns(columns).with_format("arrow")[:]
+
+        return [(str(saved), read_saved)]
     import pyarrow.parquet as pq
 
-    for path in _parquet_files(data_dir, split):
-        yield str(path), pq.read_table(path, columns=columns)
+    return [(str(path), partial(pq.read_table, path, columns=columns)) for path in _parquet_files(data_dir, split)]
 
 
 def _pylist(table, column: str, source: str, fix: str) -> list:
@@ -113,16 +115,17 @@ def hub_columns(data_dir: Path, split: str, columns: list[str], task: str, datas
     fix = f"download it again with python scripts/prepare_data.py {task} --out {data_dir}"
     import pyarrow as pa
 
-    read, source = [], str(data_dir)
-    try:
-        for source, table in _hub_tables(data_dir, split, columns):
+    read = []
+    for source, load in _hub_readers(data_dir, split, columns):
+        try:
+            table = load()
             read.append((source, {column: _pylist(table, column, source, fix) for column in columns}))
-    except (OSError, ValueError, KeyError, pa.ArrowException) as error:
-        if isinstance(error, DataFormatError):
+        except DataFormatError:
             raise
-        reason = " ".join(str(error).split())[:200]
-        raise DataFormatError(f"{source}: cannot read {dataset}'s '{split}' split ({type(error).__name__}: "
-                              f"{reason}); {fix}") from None
+        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise DataFormatError(f"{source}: cannot read {dataset}'s '{split}' split ({type(error).__name__}: "
+                                  f"{reason}); {fix}") from None
     if not read:
         raise DataNotFoundError(
             f"{task.capitalize()}: no {dataset} '{split}' split under {data_dir}. Download it with\n"

@@ -78,3 +78,20 @@ def test_a_replaced_release_file_rebuilds_the_cache(tmp_path):
     again = RetrievalDataModule(str(tmp_path), max_length=8)
     again.setup()
     assert again.rows("test")["input_ids"].tolist() == [ids_of(b"seven", 8)]
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    folder = write_release(tmp_path)
+    path = folder / "new_aan_pairs.test.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_tsv(path)[2] == [1, 0, 1]
+
+
+def test_binary_file_names_the_line_byte_offset_and_fix(tmp_path):
+    folder = write_release(tmp_path)
+    path = folder / "new_aan_pairs.eval.tsv"
+    good = b"0\ta\tb\tx\ty\n"
+    path.write_bytes(good + b"\x1f\x8b\x08\x00\x00\x00binary\x00\xff\n")
+    with pytest.raises(DataFormatError, match=rf"new_aan_pairs\.eval\.tsv:2 \(byte {len(good)}\): .*"
+                                              "prepare_data.py lra_release"):
+        read_tsv(path)

@@ -167,3 +167,40 @@ def test_prepare_offline_prints_one_line_with_what_to_fetch(tmp_path, monkeypatc
     assert prepare_main(["text", "--out", str(tmp_path / "text")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "https://huggingface.co/datasets/stanfordnlp/imdb" in err and str(tmp_path / "text") in err
+
+
+def test_a_damaged_parquet_file_names_itself_and_the_command(parquet_dir):
+    path = parquet_dir / "plain_text" / "train-00000-of-00001.parquet"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataFormatError, match=r"train-00000-of-00001\.parquet: cannot read IMDb's 'train' split.*"
+                                              r"prepare_data\.py text --out"):
+        TextDataModule(str(parquet_dir), max_length=8).build_split("train")
+
+
+def test_text_that_is_not_utf8_names_the_row_and_byte(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "plain_text"
+    folder.mkdir()
+    text = pa.array([b"fine", b"caf\xe9 latin-1"], type=pa.binary()).view(pa.string())  # unchecked bytes
+    pq.write_table(pa.table({"text": text, "label": [0, 1]}), folder / "train-00000-of-00001.parquet")
+    with pytest.raises(DataFormatError, match=r"parquet: row 1: field 'text' is not UTF-8 text \(.* at byte 3\)"):
+        TextDataModule(str(tmp_path), max_length=8).build_split("train")
+
+
+def test_a_damaged_save_to_disk_copy_names_its_folder(tmp_path):
+    saved = tmp_path / "hf_dataset"
+    imdb_dict().save_to_disk(str(saved))
+    next((saved / "train").glob("*.arrow")).write_bytes(b"\x00\x01 not arrow" * 10)
+    with pytest.raises(DataFormatError, match=rf"{saved}: cannot read IMDb's 'train' split.*prepare_data\.py text"):
+        TextDataModule(str(tmp_path), max_length=8).build_split("train")
+
+
+def test_a_bad_label_names_its_row(tmp_path):
+    folder = tmp_path / "plain_text"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 7]}).to_parquet(
+        str(folder / "train-00000-of-00001.parquet"))
+    with pytest.raises(DataFormatError, match=r"parquet: row 2: field 'label' holds 7"):
+        TextDataModule(str(tmp_path), max_length=8).build_split("train")
