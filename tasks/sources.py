@@ -58,7 +58,7 @@ def _parquet_files(data_dir: Path, split: str) -> list[Path]:
 
 
 def hub_split_files(data_dir: Path, split: str) -> list[Path]:
-    """The files that :func:`hub_split_tables` reads ``split`` from ([] when none holds it)."""
+    """The files that :func:`hub_columns` reads ``split`` from ([] when none holds it)."""
     saved = _saved_dataset(data_dir, split)
     if saved is not None:
         return sorted(p for p in (saved / split).rglob("*") if p.is_file())
