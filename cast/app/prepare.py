@@ -6,10 +6,7 @@
     python scripts/prepare_data.py image                                  # CIFAR-10 via `datasets`
     python scripts/prepare_data.py lra_release                            # the 8 GB LRA archive
 
-``python scripts/prepare_data.py NAME --help`` lists a subcommand's options. A data source is one
-subcommand here (Path-X is ``pathfinder --resolution 128``, Retrieval comes with ``lra_release``):
-``options`` adds its arguments and ``run`` does the work with the generator or downloader in
-tasks/, imported only when chosen (the others may need extras).
+``python scripts/prepare_data.py NAME --help`` lists its options.
 """
 
 from __future__ import annotations
@@ -27,6 +24,10 @@ from tasks.errors import DataFormatError, DataNotFoundError
 
 @dataclass(frozen=True)
 class Subcommand:
+    """One data source (Path-X is ``pathfinder --resolution 128``, Retrieval comes with
+    ``lra_release``): ``options`` adds its arguments, ``run`` calls the generator or downloader in
+    tasks/, each importing its modules only when chosen (the others may need extras)."""
+
     help: str
     options: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
