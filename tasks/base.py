@@ -161,6 +161,7 @@ class LRADataModule(L.LightningDataModule):
         self.splits: dict[str, dict[str, Tensor]] = {}
         self._resume = (0, 0)
         self._located: dict[str, Path] = {}
+        self._unrecorded: set[str] = set()
 
     def cache_key(self) -> dict:
         """Settings that change the tensors; subclasses add theirs."""
@@ -202,7 +203,8 @@ class LRADataModule(L.LightningDataModule):
             write(self.data_dir if found is None else found.parents[len(Path(relative).parts) - 1])
             self._located.pop(relative, None)
             found = self.locate(relative)
-        elif self.generate and have is None:
+        elif self.generate and have is None and relative not in self._unrecorded:
+            self._unrecorded.add(relative)  # said once, not for every split
             log.warning("%s has no %s (the LRA release's, or generated before settings were recorded): "
                         "used as it is, whatever the generator settings say", found, MANIFEST)
         if found is None:

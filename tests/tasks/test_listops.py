@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 
 import pytest
@@ -285,3 +286,13 @@ def test_prepare_keeps_current_data_and_never_overwrites_release_data(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "without generator.json" in err
     assert (release / "basic_train.tsv").read_text() == HEADER + ROWS and len(list(release.iterdir())) == 1
+
+
+def test_release_data_with_generate_on_is_announced_once(tmp_path, caplog):
+    folder = tmp_path / "listops-1000"
+    folder.mkdir()
+    for split in ("train", "val", "test"):
+        (folder / f"basic_{split}.tsv").write_text(HEADER + ROWS)
+    with caplog.at_level(logging.WARNING, logger="tasks.base"):
+        ListOpsDataModule(str(tmp_path), **GENERATE).setup()
+    assert [r.getMessage().count("has no generator.json") for r in caplog.records] == [1]
