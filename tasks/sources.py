@@ -145,6 +145,8 @@ def probe_hub(name: str) -> None:
     except HfHubHTTPError:
         return  # the hub answered; load_dataset reports what it said
     except Exception as error:
+        if not is_network_error(error):
+            raise
         reason = " ".join(str(error).split())[:200] or type(error).__name__
         raise ConnectionError(reason) from None
 
