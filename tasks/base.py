@@ -10,31 +10,31 @@ task's settings, with the path, size and modification time of each source file b
 (``*.sources.json``): replaced or added data files rebuild the cache. It widens each batch in
 :meth:`LRADataModule.batch_transform` to ``input_ids`` long, ``mask`` bool (id != 0), ``label``
 long: Retrieval's cache is then 3 GB instead of 13 GB, and Path-X's 3.3 GB instead of 26 GB.
+Tasks with a generator find their data with :meth:`LRADataModule.find_data`: found under
+``data_dir``, else generated when ``generate`` is on, else DataNotFoundError naming the command.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from tasks.errors import DataFormatError, DataNotFoundError  # noqa: F401  (the tasks import both from here)
+from tasks.generated import MANIFEST, normal, recorded
+from tasks.samplers import EpochShuffleSampler, ShardSampler
+
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-class DataNotFoundError(FileNotFoundError):
-    """Raised when a task's files are missing; the message says which command provides them."""
-
-
-class DataFormatError(ValueError):
-    """Raised on a malformed data file; the message names the file, the line or field, and the fix."""
 
 
 class TensorDictDataset(Dataset):
@@ -61,58 +61,6 @@ def _identity(batch):
     return batch
 
 
-class EpochShuffleSampler(DistributedSampler):
-    """A shuffle that is a pure function of (seed, epoch), sharded over ranks, able to resume.
-
-    Each epoch one permutation of the n rows is padded (repeating its start, as
-    DistributedSampler does) to a multiple of the world size, and rank r takes positions r, r +
-    world, r + 2·world, ... Lightning calls ``set_epoch`` each epoch, and leaves a
-    DistributedSampler in place instead of wrapping it in its own.
-
-    A run resumed mid-epoch passes ``resume=(epoch, samples_done)``, samples_done counting all
-    ranks: that epoch's permutation is recomputed and each rank skips its first samples_done /
-    world samples, which are exactly the first samples_done of the permutation (with another world
-    size than before too, up to rounding). ``len()`` stays the full shard length in that epoch, since Lightning
-    counts the batches done before the interruption towards the same epoch.
-    """
-
-    def __init__(self, n: int, seed: int, resume: tuple[int, int] = (0, 0), num_replicas: int = 1, rank: int = 0):
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.n = n
-        self.epoch, self.resume = resume[0], resume
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        order = (order * math.ceil(self.total_size / max(self.n, 1)))[: self.total_size]
-        shard = order[self.rank : self.total_size : self.num_replicas]
-        if self.resume[0] == self.epoch and self.resume[1]:
-            shard, self.resume = shard[self.resume[1] // self.num_replicas :], (0, 0)
-        return iter(shard)
-
-
-class ShardSampler(DistributedSampler):
-    """Evaluation rows split over ranks without padding: rank r takes rows r, r + world, r +
-    2·world, ..., so every row is counted exactly once. Lightning's own DistributedSampler would
-    repeat rows to even out the shards, counting a few of them twice in val/test accuracy; being
-    a DistributedSampler, this one is left in place. Shards differ by at most one row, which is
-    harmless in evaluation: no collective runs per batch, and the accuracy's counts are summed
-    over ranks once at the end."""
-
-    def __init__(self, n: int, num_replicas: int, rank: int):
-        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.rows = range(rank, n, num_replicas)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.rows)
-
-
 def compact_dtype(vocab_size: int) -> torch.dtype:
     """The smallest integer dtype that holds ids 0..vocab_size-1."""
     return torch.uint8 if vocab_size <= 256 else torch.int16 if vocab_size <= 32768 else torch.long
@@ -125,6 +73,16 @@ def pad_batch(sequences: Sequence[Sequence[int]], max_length: int, dtype: torch.
         seq = seq[:max_length]
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=dtype)
     return ids
+
+
+def byte_ids(docs: Sequence[bytes], max_length: int) -> Tensor:
+    """Byte strings -> ids (M, max_length) int16 with id = byte + 1, 0 = padding (LRA's byte-level text)."""
+    ids = np.zeros((len(docs), max_length), dtype=np.int16)
+    for row, doc in enumerate(docs):
+        chunk = np.frombuffer(doc[:max_length], dtype=np.uint8)
+        ids[row, : len(chunk)] = chunk
+        ids[row, : len(chunk)] += 1
+    return torch.from_numpy(ids)
 
 
 def find_path(root: str | Path, relative: str) -> Path | None:
@@ -186,6 +144,7 @@ class LRADataModule(L.LightningDataModule):
     vocab_size: int = 256
     is_pair: bool = False
     pixel0_is_padding: bool = False  # image tasks: black pixels become padding (the LRA code's habit)
+    generate: bool = False  # tasks with a generator: generate missing or stale data on first use
 
     def __init__(
         self,
@@ -205,6 +164,8 @@ class LRADataModule(L.LightningDataModule):
         self.seed = seed
         self.splits: dict[str, dict[str, Tensor]] = {}
         self._resume = (0, 0)
+        self._located: dict[str, Path] = {}
+        self._unrecorded: set[str] = set()
 
     def cache_key(self) -> dict:
         """Settings that change the tensors; subclasses add theirs."""
@@ -218,6 +179,46 @@ class LRADataModule(L.LightningDataModule):
         """The files ``build_split(split)`` would read now, found without reading (or generating)
         them, [] when there are none; implemented by each task."""
         raise TypeError(f"{type(self).__name__} does not define source_files()")
+
+    def locate(self, relative: str) -> Path | None:
+        """``find_path(data_dir, relative)``, remembered once found: every split's cache check and
+        the reader ask, and a deep folder costs a listing of every folder above its level."""
+        if relative not in self._located:
+            found = find_path(self.data_dir, relative)
+            if found is None:
+                return None
+            self._located[relative] = found
+        return self._located[relative]
+
+    def find_data(self, relative: str, label: str, command: str, settings: dict, write: Callable[[Path], object]) -> Path:
+        """The folder ``relative`` at any depth under data_dir, generated first if ``generate`` asks.
+
+        With ``generate`` on, a missing folder is generated into data_dir by ``write(out)``, and a
+        generated one whose manifest records other ``settings`` is generated again in its place;
+        a folder without a manifest (the LRA release's) is used as it is and never touched.
+        Otherwise a missing folder raises DataNotFoundError naming ``prepare_data.py {command}``.
+        """
+        found = self.locate(relative)
+        have = recorded(found) if found is not None else None
+        if self.generate and (found is None or have not in (None, normal(settings))):
+            if found is not None:
+                changed = sorted(k for k, v in normal(settings).items() if have.get(k) != v)
+                log.warning("%s was generated with other %s; generating it again", found, ", ".join(changed))
+            write(self.data_dir if found is None else found.parents[len(Path(relative).parts) - 1])
+            self._located.pop(relative, None)
+            found = self.locate(relative)
+        elif self.generate and have is None and relative not in self._unrecorded:
+            self._unrecorded.add(relative)  # said once, not for every split
+            log.warning("%s has no %s (the LRA release's, or generated before settings were recorded): "
+                        "used as it is, whatever the generator settings say", found, MANIFEST)
+        if found is None:
+            raise DataNotFoundError(
+                f"{label}: no {relative} under {self.data_dir}. Generate it with\n"
+                f"    python scripts/prepare_data.py {command.format(out=self.data_dir)}\n"
+                "or unpack the LRA release there (python scripts/prepare_data.py lra_release), "
+                "or set task.generate=true to generate it on first use."
+            )
+        return found
 
     def source_identity(self, split: str) -> list[list]:
         """[path relative to data_dir, size, mtime in ns] of each source file, sorted."""

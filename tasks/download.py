@@ -6,8 +6,8 @@
   sha256) and only then renamed to ``dest``, so a half-written file never carries the final name.
 - :func:`extract` unpacks a (gzipped) tar into a hidden staging folder and moves its top-level
   entries into place when complete.
-- ``prepare_data.py lra_release`` (``add_arguments``/``prepare`` below) downloads and unpacks
-  ``lra_release.gz`` (ListOps, Retrieval/AAN, Pathfinder) and says where each task's folder is.
+- :func:`locate` finds the folders that ``lra_release.gz`` (ListOps, Retrieval/AAN, Pathfinder)
+  unpacks to, for ``prepare_data.py lra_release`` (:mod:`cast.app.prepare`).
 - The hub and tfds sources of Text and Image are in :mod:`tasks.sources`.
 
 A network failure (also inside the hub's or tfds's own download: :func:`is_network_error`)
@@ -17,14 +17,12 @@ put it.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import errno
 import hashlib
 import os
 import shutil
 import socket
-import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -35,7 +33,7 @@ from pathlib import Path
 import rich.progress
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from tasks.base import DataFormatError, DataNotFoundError
+from tasks.base import DataFormatError
 
 LRA_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 CHUNK = 1 << 20
@@ -212,32 +210,3 @@ def locate(root: str | Path, names, max_depth: int = 4) -> dict[str, Path]:
                     deeper.append(child)
         level = deeper
     return found
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data/lra_release", help="folder to unpack into (any nesting is found)")
-    parser.add_argument("--url", default=LRA_URL)
-    parser.add_argument("--archive", default=None, help="where the .gz goes (default: OUT/lra_release.gz)")
-    parser.add_argument("--sha256", default=None, help="expected checksum (the server's MD5 is checked when sent)")
-    parser.add_argument("--delete-archive", action="store_true", help="delete the .gz once unpacked (frees ~8 GB)")
-
-
-def prepare(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    archive = Path(args.archive) if args.archive else out / "lra_release.gz"
-    if "tsv_data" not in locate(out, ["tsv_data"]):
-        try:
-            download(args.url, archive, sha256=args.sha256)
-        except DownloadError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        extract(archive, out)
-        if args.delete_archive:
-            archive.unlink()
-    found = locate(out, RELEASE_FOLDERS.values())
-    if "tsv_data" not in found:
-        raise DataNotFoundError(f"{archive} unpacked into {out} holds no tsv_data/ folder; is it lra_release.gz?")
-    for task, folder in RELEASE_FOLDERS.items():
-        where = f"{found[folder]}  (task.data_dir={found[folder].parent})" if folder in found else "not found"
-        print(f"{task:16s} {where}")
-    return 0

@@ -21,7 +21,6 @@ tensorflow-datasets ``cifar10`` prepared under ``data_dir/tfds``.
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
@@ -31,9 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from tasks.base import DataFormatError, LRADataModule
-from tasks.sources import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
-                           tfds_files, tfds_pairs)
-from tasks.text import SOURCES, check_labels
+from tasks.sources import SOURCES, check_labels, hub_columns, hub_split_files, tfds_files, tfds_pairs
 
 HUB_NAME = "uoft-cs/cifar10"
 TFDS_NAME = "cifar10"
@@ -94,11 +91,10 @@ class ImageDataModule(LRADataModule):
             pairs = tfds_pairs(self.data_dir, TFDS_NAME, split, self.name)
             labels = check_labels([label for _, label in pairs], self.num_classes, f"tfds {TFDS_NAME}")
             return np.stack([image for image, _ in pairs]).astype(np.uint8), labels
-        tables = require_hub_tables(self.data_dir, split, ["img", "label"], self.name, "CIFAR-10", HUB_NAME)
         images, labels = [], []
-        for source, table in tables:
-            images += [decode_png(cell, source, row) for row, cell in enumerate(table.column("img").to_pylist())]
-            labels.append(check_labels(table.column("label").to_pylist(), self.num_classes, source))
+        for source, columns in hub_columns(self.data_dir, split, ["img", "label"], self.name, "CIFAR-10", HUB_NAME):
+            images += [decode_png(cell, source, row) for row, cell in enumerate(columns["img"])]
+            labels.append(check_labels(columns["label"], self.num_classes, source))
         return np.stack(images), torch.cat(labels)
 
     def build_split(self, split: str) -> dict[str, Tensor]:
@@ -109,11 +105,3 @@ class ImageDataModule(LRADataModule):
             images, labels = images[rows], labels[rows]
         gray = grayscale(images).reshape(len(images), -1)[:, : self.max_length]
         return {"pixels": torch.from_numpy(np.ascontiguousarray(gray, dtype=np.uint8)), "label": labels}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_source_arguments(parser, out="data/image", hub_name=HUB_NAME)
-
-
-def prepare(args: argparse.Namespace) -> int:
-    return prepare_source(args, TFDS_NAME, TFDS_URL, task="image")

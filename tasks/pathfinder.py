@@ -31,34 +31,38 @@ from rich.progress import MofNCompleteColumn, Progress
 from torch import Tensor
 
 from tasks import pathfinder_generator as generator
-from tasks.base import DataFormatError, DataNotFoundError, LRADataModule, find_path
+from tasks.base import DataFormatError, LRADataModule
 
 log = logging.getLogger(__name__)
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 DECODE_CHUNK = 1000              # images per decode job
 POOL_FROM = 4000                 # decode in worker processes from this many images on
+BOM = "\ufeff"
+FIX = "regenerate this data set (scripts/prepare_data.py pathfinder) or unpack the LRA release again"
 
 
 def read_metadata(folder: Path) -> list[tuple[Path, int]]:
     """(image path, label) of every metadata line, batches in numeric order."""
     files = sorted((folder / "metadata").glob("*.npy"), key=lambda p: (len(p.stem), p.stem))
     if not files:
-        raise DataFormatError(f"{folder / 'metadata'}: no <batch>.npy metadata files; regenerate the data set "
-                              "(scripts/prepare_data.py pathfinder) or unpack the LRA release again")
+        raise DataFormatError(f"{folder / 'metadata'}: no <batch>.npy metadata files; {FIX}")
     entries = []
     for meta in files:
+        data = meta.read_bytes()
         try:
-            lines = meta.read_text().splitlines()
-        except UnicodeDecodeError:
-            raise DataFormatError(f"{meta}: not text; Pathfinder metadata .npy files are plain text lines "
-                                  "'FOLDER FILE INDEX LABEL ...'") from None
-        for line_no, line in enumerate(lines, start=1):
+            text = data.decode("utf-8").removeprefix(BOM)
+        except UnicodeDecodeError as error:
+            line_no = data.count(b"\n", 0, error.start) + 1
+            raise DataFormatError(f"{meta}:{line_no}: byte {error.start} is {data[error.start:error.start + 1]!r}, not "
+                                  "text; Pathfinder metadata .npy files are plain text lines 'FOLDER FILE INDEX LABEL "
+                                  f"...'; {FIX}") from None
+        for line_no, line in enumerate(text.splitlines(), start=1):
             fields = line.split()
             if not fields:
                 continue
             if len(fields) < 4 or fields[3] not in ("0", "1"):
                 raise DataFormatError(f"{meta}:{line_no}: expected 'FOLDER FILE INDEX LABEL ...' with LABEL 0 or 1, "
-                                      f"found {line!r}; regenerate or re-extract this data set")
+                                      f"found {line!r}; {FIX}")
             entries.append((folder / fields[0] / fields[1], int(fields[3])))
     return entries
 
@@ -71,10 +75,9 @@ def decode(path: Path, resolution: int) -> np.ndarray | None:
         with Image.open(path) as image:
             pixels = np.asarray(image if image.mode == "L" else image.convert("L"))
     except FileNotFoundError:
-        raise DataFormatError(f"{path}: listed in the metadata but missing; regenerate or re-extract "
-                              "this data set") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise DataFormatError(f"{path}: not a readable PNG ({error}); regenerate or re-extract this data set") from None
+        raise DataFormatError(f"{path}: listed in the metadata but missing; {FIX}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataFormatError(f"{path}: not a readable PNG ({error}); {FIX}") from None
     if pixels.shape != (resolution, resolution):
         raise DataFormatError(f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected {resolution}x"
                               f"{resolution}; set task.resolution to the folder's pathfinder<R>")
@@ -138,7 +141,11 @@ class PathfinderDataModule(LRADataModule):
         if resolution != 32:
             self.name = "pathx" if resolution == 128 else f"pathfinder{resolution}"
         self._all: tuple[Tensor, Tensor] | None = None
-        self._found: Path | None = None
+
+    def generator_settings(self) -> dict:
+        """What generated data must have been drawn with (its manifest)."""
+        return generator.manifest(generator.Settings.release(self.resolution, self.difficulty), self.generate_seed,
+                                  self.generate_count)
 
     def cache_key(self) -> dict:
         key = super().cache_key()
@@ -150,33 +157,16 @@ class PathfinderDataModule(LRADataModule):
     def source_files(self, split: str) -> list[Path]:
         """The metadata files: they list the images (which are too many to check on every load),
         and generating or unpacking a data set rewrites them with its images."""
-        path = self._find()
+        path = self.locate(generator.folder_name(self.resolution, self.difficulty))
         return sorted((path / "metadata").glob("*.npy")) if path is not None else []
 
-    def _find(self) -> Path | None:
-        """The data set's folder below data_dir, searched for until it has been found: every
-        split's cache check and the reader ask for it, and with the folder deeper down each search
-        lists every folder above its level."""
-        if self._found is None:
-            self._found = find_path(self.data_dir, generator.folder_name(self.resolution, self.difficulty))
-        return self._found
+    def _write(self, out: Path) -> None:
+        generator.write_release(out, self.resolution, self.difficulty, self.generate_count, seed=self.generate_seed)
 
     def folder(self) -> Path:
-        relative = generator.folder_name(self.resolution, self.difficulty)
-        path = self._find()
-        if path is None and self.generate:
-            generator.write_release(self.data_dir, self.resolution, self.difficulty, self.generate_count,
-                                    seed=self.generate_seed)
-            path = self._find()
-        if path is None:
-            raise DataNotFoundError(
-                f"Pathfinder: no {relative} under {self.data_dir}. Generate it with\n"
-                f"    python scripts/prepare_data.py pathfinder --out {self.data_dir} "
-                f"--resolution {self.resolution} --difficulty {self.difficulty}\n"
-                "or unpack the LRA release there (python scripts/prepare_data.py lra_release), "
-                "or set task.generate=true to generate it on first use."
-            )
-        return path
+        command = f"pathfinder --out {{out}} --resolution {self.resolution} --difficulty {self.difficulty}"
+        return self.find_data(generator.folder_name(self.resolution, self.difficulty), "Pathfinder", command,
+                              self.generator_settings(), self._write)
 
     def _read_all(self) -> tuple[Tensor, Tensor]:
         """Pixels (M, N) uint8 and labels (M,) of the whole data set, read once per instance."""

@@ -41,12 +41,10 @@ within the clearance). The tests check this on the pixels.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
@@ -56,6 +54,8 @@ import numpy as np
 from PIL import Image
 from rich.progress import MofNCompleteColumn, Progress
 
+from tasks import generated
+from tasks.generated import MANIFEST, normal, recorded
 from tasks.pathfinder_draw import Scene
 
 DIFFICULTIES = {
@@ -78,7 +78,6 @@ RESOLUTIONS = {
               continuity=1.8, distractor_budget=30, contrast=1.0),
 }
 CHUNK = 50                      # images per worker job
-MANIFEST = "generator.json"     # settings of a partial folder, so that a resumed run matches
 
 
 @dataclass(frozen=True)
@@ -192,6 +191,11 @@ def _chunk(job: tuple) -> tuple[int, list[tuple[int, str]]]:
     return batch, lines
 
 
+def manifest(settings: Settings, seed: int, count: int, batch_size: int = 1000) -> dict:
+    """The settings that determine a generated folder, as its generator.json records them."""
+    return {"settings": settings.as_dict(), "seed": seed, "count": count, "batch_size": batch_size}
+
+
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -206,21 +210,23 @@ def write_release(out: str | Path, resolution: int = 32, difficulty: str = "hard
     Images ``imgs/<batch>/sample_<i>.png`` and text ``metadata/<batch>.npy`` are written into a
     hidden ``.<folder>.partial`` sibling, which is renamed once complete, so a reader never sees
     half a data set; an interrupted run with the same arguments resumes at the first unfinished
-    batch. An existing folder is left alone. Sample number ``batch * batch_size + i`` depends only
-    on ``seed``, so the bytes are the same for any ``workers``.
+    batch. A folder already generated with these settings is kept as it is, one generated with
+    others is replaced, one without generator.json (the LRA release's) raises DataFormatError.
+    Sample number ``batch * batch_size + i`` depends only on ``seed``, so the bytes are the same
+    for any ``workers``.
     """
     if seed < 0 or count < 1 or batch_size < 1:
         raise ValueError(f"seed={seed}, count={count}, batch_size={batch_size}: need seed >= 0 and positive sizes")
     settings = Settings.release(resolution, difficulty)
     final = Path(out) / folder_name(resolution, difficulty)
-    if final.exists():
+    wanted = manifest(settings, seed, count, batch_size)
+    if generated.is_current(final, wanted, "Pathfinder"):
         return final
-    work = final.with_name(f".{final.name}.partial")
-    manifest = {"settings": settings.as_dict(), "seed": seed, "count": count, "batch_size": batch_size}
-    if work.exists() and (not (work / MANIFEST).exists() or json.loads((work / MANIFEST).read_text()) != manifest):
+    work = generated.staging(final)
+    if work.exists() and recorded(work) != normal(wanted):
         shutil.rmtree(work)
     (work / "metadata").mkdir(parents=True, exist_ok=True)
-    (work / MANIFEST).write_text(json.dumps(manifest))
+    (work / MANIFEST).write_text(json.dumps(wanted))
     sizes = [min(batch_size, count - start) for start in range(0, count, batch_size)]
     todo = [b for b in range(len(sizes)) if not (work / "metadata" / f"{b}.npy").exists()]
     jobs = []
@@ -238,30 +244,4 @@ def write_release(out: str | Path, resolution: int = 32, difficulty: str = "hard
             if len(pending[b]) == sizes[b]:
                 _write_text(work / "metadata" / f"{b}.npy", "".join(line + "\n" for _, line in sorted(pending.pop(b))))
             bar.update(task, advance=len(lines))
-    (work / MANIFEST).unlink()
-    os.replace(work, final)
-    return final
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data/pathfinder", help="folder that receives pathfinder<R>/")
-    parser.add_argument("--resolution", type=int, default=32, choices=sorted(RESOLUTIONS),
-                        help="image side: 32 = LRA Pathfinder, 128 = Path-X")
-    parser.add_argument("--difficulty", default="hard", choices=list(DIFFICULTIES),
-                        help="contour length 6 / 9 / 14 (curv_baseline / curv_contour_length_9 / _14)")
-    parser.add_argument("--count", type=int, default=200_000, help="images (the release has 200,000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=1000, help="images per imgs/<batch> folder")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-
-
-def prepare(args: argparse.Namespace) -> int:
-    final = Path(args.out) / folder_name(args.resolution, args.difficulty)
-    if final.exists():
-        print(f"{final} already exists; delete it to generate again")
-        return 0
-    start = time.time()
-    write_release(args.out, args.resolution, args.difficulty, args.count, args.seed, args.batch_size, args.workers)
-    elapsed = time.time() - start
-    print(f"wrote {args.count:,} images to {final} in {elapsed:.0f} s ({args.count / elapsed:.1f} images/s)")
-    return 0
+    return generated.publish(work, final, wanted)

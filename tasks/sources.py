@@ -1,24 +1,42 @@
 """The Hugging Face hub and tensorflow-datasets sources of :mod:`tasks.text` and :mod:`tasks.image`.
 
-:func:`hub_split_tables` reads a local copy of a Hugging Face data set (``save_to_disk`` or the
-hub's parquet files), :func:`tfds_pairs` a prepared tensorflow-datasets one; :func:`fetch_hub`
-and :func:`fetch_tfds` make those copies (``prepare_data.py text|image``). A network failure
-inside the hub's or tfds's own download raises :class:`tasks.download.DownloadError`, whose
-one-line message names what to fetch by hand and where to put it.
+:func:`hub_columns` reads a local copy of a Hugging Face data set (``save_to_disk`` or the hub's
+parquet files), turning a damaged or undecodable file into DataFormatError naming the file, the row
+and the command that downloads it again; :func:`tfds_pairs` reads a prepared tensorflow-datasets
+copy. :func:`fetch_hub` and :func:`fetch_tfds` make those copies (``prepare_data.py text|image``);
+a network failure raises :class:`tasks.download.DownloadError`, whose one-line message names what
+to fetch by hand and where to put it. Offline, :func:`fetch_hub` fails within seconds: a single
+short request to the hub comes first, instead of the hub client's retries (about 30 s).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
 
 from tasks.base import DataFormatError, DataNotFoundError, find_path
 from tasks.download import DownloadError, is_network_error
 
 HUB_CACHE = "hf_cache"
+SOURCES = ("hf", "tfds")
+PROBE_TIMEOUT = 5.0  # seconds the hub has to answer before a download counts as offline
+
+
+def check_labels(labels: list, num_classes: int, source: str) -> Tensor:
+    """Integer labels 0..num_classes-1 as a tensor; another value names the source and its row."""
+    bad = next(((row, x) for row, x in enumerate(labels)
+                if not isinstance(x, (int, np.integer)) or not 0 <= x < num_classes), None)
+    if bad is not None:
+        raise DataFormatError(f"{source}: row {bad[0]}: field 'label' holds {bad[1]!r}, expected an integer "
+                              f"0..{num_classes - 1}")
+    return torch.tensor([int(x) for x in labels], dtype=torch.long)
 
 
 def _saved_dataset(data_dir: Path, split: str) -> Path | None:
@@ -40,44 +58,97 @@ def _parquet_files(data_dir: Path, split: str) -> list[Path]:
 
 
 def hub_split_files(data_dir: Path, split: str) -> list[Path]:
-    """The files that :func:`hub_split_tables` reads ``split`` from ([] when none holds it)."""
+    """The files that :func:`hub_columns` reads ``split`` from ([] when none holds it)."""
     saved = _saved_dataset(data_dir, split)
     if saved is not None:
         return sorted(p for p in (saved / split).rglob("*") if p.is_file())
     return _parquet_files(data_dir, split)
 
 
-def hub_split_tables(data_dir: Path, split: str, columns: list[str]):
-    """A local Hugging Face copy's ``split`` as [(source file or folder, pyarrow.Table)].
+def _hub_readers(data_dir: Path, split: str, columns: list[str]) -> list[tuple[str, Callable[[], object]]]:
+    """A local Hugging Face copy's ``split``: [(source file or folder, function reading it as a
+    pyarrow.Table)].
 
     Accepts a ``save_to_disk`` DatasetDict (a folder holding ``dataset_dict.json`` and one
     sub-folder per split) or the hub's parquet files (``plain_text/train-00000-of-00001.parquet``
-    or ``.../train/0000.parquet``) at any depth under ``data_dir``; returns [] when neither holds
-    the split.
+    or ``.../train/0000.parquet``) at any depth under ``data_dir``; [] when neither holds the split.
     """
     saved = _saved_dataset(data_dir, split)
     if saved is not None:
-        import datasets
+        def read_saved():
+            import datasets
 
-        dataset = datasets.load_from_disk(str(saved))
-        return [(str(saved), dataset[split].select_columns(columns).with_format("arrow")[:])]
+            return datasets.load_from_disk(str(saved))[split].select_columns(columns).with_format("arrow")[:]
+
+        return [(str(saved), read_saved)]
     import pyarrow.parquet as pq
 
-    return [(str(p), pq.read_table(p, columns=columns)) for p in _parquet_files(data_dir, split)]
+    return [(str(path), partial(pq.read_table, path, columns=columns)) for path in _parquet_files(data_dir, split)]
 
 
-def require_hub_tables(data_dir: Path, split: str, columns: list[str], task: str, dataset: str,
-                       hub_name: str):
-    """:func:`hub_split_tables`, or a DataNotFoundError that names the folder, the command that
-    downloads the data and the hub page whose parquet files would do."""
-    tables = hub_split_tables(data_dir, split, columns)
-    if not tables:
+def _pylist(table, column: str, source: str, fix: str) -> list:
+    """A column's values; text that is not UTF-8 names its row and byte."""
+    try:
+        return table.column(column).to_pylist()
+    except UnicodeDecodeError as error:
+        import pyarrow as pa
+
+        raw = table.column(column).cast(pa.binary()).to_pylist()
+        row = next(i for i, value in enumerate(raw) if value is not None and not _is_utf8(value))
+        raise DataFormatError(f"{source}: row {row}: field '{column}' is not UTF-8 text ({error.reason} at byte "
+                              f"{error.start}); {fix}") from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def hub_columns(data_dir: Path, split: str, columns: list[str], task: str, dataset: str,
+                hub_name: str) -> list[tuple[str, dict[str, list]]]:
+    """``split`` of a local Hugging Face copy as [(source, {column: values})]; a DataNotFoundError
+    names the folder, the command that downloads the data and the hub page whose parquet files
+    would do, and a file that cannot be read is a DataFormatError naming it and that command."""
+    fix = f"download it again with python scripts/prepare_data.py {task} --out {data_dir}"
+    import pyarrow as pa
+
+    read = []
+    for source, load in _hub_readers(data_dir, split, columns):
+        try:
+            table = load()
+            read.append((source, {column: _pylist(table, column, source, fix) for column in columns}))
+        except DataFormatError:
+            raise
+        except (OSError, ValueError, KeyError, pa.ArrowException) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise DataFormatError(f"{source}: cannot read {dataset}'s '{split}' split ({type(error).__name__}: "
+                                  f"{reason}); {fix}") from None
+    if not read:
         raise DataNotFoundError(
             f"{task.capitalize()}: no {dataset} '{split}' split under {data_dir}. Download it with\n"
             f"    python scripts/prepare_data.py {task} --out {data_dir}\n"
             f"or put the parquet files of https://huggingface.co/datasets/{hub_name} there."
         )
-    return tables
+    return read
+
+
+def probe_hub(name: str) -> None:
+    """One short request to the hub, so that offline ``load_dataset`` never starts its retries."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(name, timeout=PROBE_TIMEOUT)
+    except HfHubHTTPError:
+        return  # the hub answered; load_dataset reports what it said
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ConnectionError(reason) from None
 
 
 def fetch_hub(name: str, out: Path, keep_cache: bool = False) -> Path:
@@ -88,6 +159,8 @@ def fetch_hub(name: str, out: Path, keep_cache: bool = False) -> Path:
     import datasets
 
     try:
+        if not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the download cache only, at once
+            probe_hub(name)
         dataset = datasets.load_dataset(name, cache_dir=str(out / HUB_CACHE))
     except ConnectionError as error:
         raise DownloadError(
@@ -157,26 +230,3 @@ def fetch_tfds(name: str, out: Path, url: str) -> Path:
             raise
         raise DownloadError(tfds_offline_message(name, url, manual_dir, error)) from None
     return out / "tfds" / name
-
-
-def add_source_arguments(parser: argparse.ArgumentParser, out: str, hub_name: str) -> None:
-    """Options of ``prepare_data.py text|image``: where to put the data and which source to use."""
-    parser.add_argument("--out", default=out, help="the task's data_dir")
-    parser.add_argument("--source", choices=("hf", "tfds"), default="hf", help="Hugging Face hub (default) or tfds")
-    parser.add_argument("--hub-name", default=hub_name, help="Hugging Face data set id")
-    parser.add_argument("--keep-cache", action="store_true", help=f"keep the hub download cache (OUT/{HUB_CACHE})")
-
-
-def prepare_source(args: argparse.Namespace, tfds_name: str, tfds_url: str, task: str) -> int:
-    """Fetch a hub or tfds data set into ``args.out``; one line on stderr and 1 when offline."""
-    out = Path(args.out)
-    try:
-        if args.source == "tfds":
-            where = fetch_tfds(tfds_name, out, tfds_url)
-        else:
-            where = fetch_hub(args.hub_name, out, args.keep_cache)
-    except DownloadError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"{task} data ready in {where}; train with task={task} task.data_dir={out} task.source={args.source}")
-    return 0

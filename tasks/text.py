@@ -18,40 +18,18 @@ fixed random 10% of train (permutation seeded with 0, the same for every run see
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from tasks.base import DataFormatError, LRADataModule
-from tasks.sources import (add_source_arguments, hub_split_files, prepare_source, require_hub_tables,
-                           tfds_files, tfds_pairs)
+from tasks.base import DataFormatError, LRADataModule, byte_ids
+from tasks.sources import SOURCES, check_labels, hub_columns, hub_split_files, tfds_files, tfds_pairs
 
 HUB_NAME = "stanfordnlp/imdb"
 TFDS_NAME = "imdb_reviews"
 TFDS_URL = "http://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"  # the archive tfds downloads for it
-SOURCES = ("hf", "tfds")
 VAL_SEED = 0
-
-
-def byte_ids(docs: Sequence[bytes], max_length: int) -> Tensor:
-    """UTF-8 byte strings -> ids (M, max_length) int16 with id = byte + 1, 0 = padding."""
-    ids = np.zeros((len(docs), max_length), dtype=np.int16)
-    for row, doc in enumerate(docs):
-        chunk = np.frombuffer(doc[:max_length], dtype=np.uint8)
-        ids[row, : len(chunk)] = chunk
-        ids[row, : len(chunk)] += 1
-    return torch.from_numpy(ids)
-
-
-def check_labels(labels: list, num_classes: int, source: str) -> Tensor:
-    bad = next((x for x in labels if not isinstance(x, (int, np.integer)) or not 0 <= x < num_classes), None)
-    if bad is not None:
-        raise DataFormatError(f"{source}: field 'label' holds {bad!r}, expected an integer 0..{num_classes - 1}")
-    return torch.tensor([int(x) for x in labels], dtype=torch.long)
 
 
 def validation_rows(n: int, fraction: float) -> tuple[Tensor, Tensor]:
@@ -101,14 +79,15 @@ class TextDataModule(LRADataModule):
             pairs = tfds_pairs(self.data_dir, TFDS_NAME, split, self.name)
             labels = check_labels([label for _, label in pairs], self.num_classes, f"tfds {TFDS_NAME}")
             return [bytes(text) for text, _ in pairs], labels
-        tables = require_hub_tables(self.data_dir, split, ["text", "label"], self.name, "IMDb", HUB_NAME)
         texts, labels = [], []
-        for source, table in tables:
-            column = table.column("text").to_pylist()
-            if any(not isinstance(t, str) for t in column):
-                raise DataFormatError(f"{source}: field 'text' holds a non-string value; re-download the data set")
-            texts += [t.encode("utf-8") for t in column]
-            labels.append(check_labels(table.column("label").to_pylist(), self.num_classes, source))
+        for source, columns in hub_columns(self.data_dir, split, ["text", "label"], self.name, "IMDb", HUB_NAME):
+            bad = next((row for row, text in enumerate(columns["text"]) if not isinstance(text, str)), None)
+            if bad is not None:
+                raise DataFormatError(f"{source}: row {bad}: field 'text' holds {columns['text'][bad]!r}, not a "
+                                      f"string; download it again with python scripts/prepare_data.py text "
+                                      f"--out {self.data_dir}")
+            texts += [t.encode("utf-8") for t in columns["text"]]
+            labels.append(check_labels(columns["label"], self.num_classes, source))
         return texts, torch.cat(labels)
 
     def build_split(self, split: str) -> dict[str, Tensor]:
@@ -117,11 +96,3 @@ class TextDataModule(LRADataModule):
             rows = validation_rows(len(texts), self.val_split)[1 if split == "val" else 0]
             texts, labels = [texts[i] for i in rows], labels[rows]
         return {"input_ids": byte_ids(texts, self.max_length), "label": labels}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_source_arguments(parser, out="data/text", hub_name=HUB_NAME)
-
-
-def prepare(args: argparse.Namespace) -> int:
-    return prepare_source(args, TFDS_NAME, TFDS_URL, task="text")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,22 @@ def test_prepare_data_listops_writes_the_release_layout(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = (tmp_path / "listops-1000" / "basic_val.tsv").read_text().splitlines()
     assert lines[0] == "Source\tTarget" and len(lines) == 6
+
+
+def seconds(*args: str, env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    return time.perf_counter() - start, done
+
+
+@pytest.mark.parametrize("task", ["text", "image"])
+def test_prepare_data_offline_fails_in_one_line_within_seconds(task, tmp_path):
+    """An unresolvable hub (what offline looks like) fails at once instead of after the hub client's
+    ~30 s of printed retries. Timed against the imports alone, since shared CI machines vary."""
+    env = {**os.environ, "HF_ENDPOINT": "http://hub.invalid", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    imports, _ = seconds("-c", f"import cast.app.prepare, tasks.{task}, tasks.sources, datasets, huggingface_hub", env=env)
+    took, done = seconds("scripts/prepare_data.py", task, "--out", str(tmp_path / task), env=env)
+    assert done.returncode == 1
+    err = done.stderr.strip()
+    assert "\n" not in err and "cannot reach the Hugging Face hub" in err and str(tmp_path / task) in err
+    assert took - imports < 8, f"{took:.1f} s, of which imports {imports:.1f} s"

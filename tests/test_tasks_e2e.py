@@ -11,32 +11,15 @@ from omegaconf import OmegaConf
 
 from cast.app import registry
 from cast.app.run import train
-from tasks.pathfinder_generator import write_release as write_pathfinder
 from tests.conftest import CONFIGS, TINY, compose_train
-from tests.tasks.test_image import cifar
-from tests.tasks.test_retrieval import write_release as write_aan
-from tests.tasks.test_text import imdb_dict
+from tests.helpers.lra import write_every_task
 
 pytestmark = pytest.mark.slow
 
 
-def hub_parquet(root: Path, dataset_dict) -> Path:
-    folder = root / "plain_text"
-    folder.mkdir(parents=True)
-    for split, dataset in dataset_dict.items():
-        dataset.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
-    return root
-
-
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    hub_parquet(root / "text", imdb_dict())
-    hub_parquet(root / "image", cifar(n_train=20, n_test=4))
-    write_aan(root)
-    write_pathfinder(root / "pathfinder", count=40, seed=0, workers=1, progress=False)
-    write_pathfinder(root / "pathx", resolution=128, count=10, seed=0, workers=1, progress=False)
-    return root
+def data_dirs(tmp_path_factory) -> dict[str, Path]:
+    return write_every_task(tmp_path_factory.mktemp("data"))
 
 
 def case(task: registry.Task) -> tuple[str, int, int, list[str]]:
@@ -49,7 +32,7 @@ def case(task: registry.Task) -> tuple[str, int, int, list[str]]:
     return task.name, length, 2 if long or pair else 4, ["cast", "fastmax"] if long else ["vanilla", "cast"]
 
 
-# Every task the registry knows (a new one fails here until data_root writes its fixture), but
+# Every task the registry knows (a new one fails here until tests/helpers/lra.py writes its fixture), but
 # ListOps, which tests/test_train.py runs end to end.
 CASES = [case(t) for t in registry.tasks() if t.name != "listops"]
 
@@ -58,8 +41,8 @@ CASES = [case(t) for t in registry.tasks() if t.name != "listops"]
     "task,length,batch,attention",
     [(t, n, b, a) for t, n, b, mechanisms in CASES for a in mechanisms],
 )
-def test_fast_dev_run(data_root, tmp_path, task, length, batch, attention):
-    data_dir = data_root if task == "retrieval" else data_root / task
+def test_fast_dev_run(data_dirs, tmp_path, task, length, batch, attention):
+    data_dir = data_dirs[task]
     cfg = compose_train(tmp_path / "run", TINY + [
         f"task={task}", f"attention={attention}", f"task.data_dir={data_dir}", f"task.max_length={length}",
         f"task.batch_size={batch}", "trainer.fast_dev_run=true",

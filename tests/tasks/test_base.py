@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DistributedSampler
 
-from tasks.base import EpochShuffleSampler, LRADataModule
+from tasks.base import LRADataModule
+from tasks.samplers import EpochShuffleSampler
 
 
 class Rows(LRADataModule):

@@ -13,29 +13,10 @@ import torch
 from PIL import Image
 
 from scripts.prepare_data import main as prepare_main
+from tasks import sources
 from tasks.base import DataFormatError, DataNotFoundError
 from tasks.image import ImageDataModule, grayscale
-
-FEATURES = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
-# (RGB, gray as tf.image.rgb_to_grayscale gives it: trunc(255.5 * luma / 255)); green shows truncation.
-PIXELS = [((0, 0, 0), 0), ((255, 255, 255), 255), ((100, 150, 200), 141), ((255, 0, 0), 76), ((0, 255, 0), 149),
-          ((0, 0, 255), 29)]
-
-
-def picture(index: int) -> np.ndarray:
-    """A 32x32 image whose pixel (0, 1) and (1, 0) differ, filled with PIXELS[index % 6]."""
-    rgb = np.full((32, 32, 3), PIXELS[index % 6][0], dtype=np.uint8)
-    rgb[0, 1] = (255, 255, 255)
-    rgb[1, 0] = (0, 0, 0)
-    return rgb
-
-
-def cifar(n_train: int = 20, n_test: int = 4) -> datasets.DatasetDict:
-    def split(n, offset):
-        rows = {"img": [Image.fromarray(picture(i)) for i in range(n)], "label": [(i + offset) % 10 for i in range(n)]}
-        return datasets.Dataset.from_dict(rows, features=FEATURES)
-
-    return datasets.DatasetDict({"train": split(n_train, 0), "test": split(n_test, 3)})
+from tests.helpers.hub import CIFAR_FEATURES, PIXELS, cifar, picture
 
 
 @pytest.fixture
@@ -100,7 +81,7 @@ def write_cells(tmp_path, cells):
     folder.mkdir()
     path = folder / "train-00000-of-00001.parquet"
     rows = {"img": cells, "label": [0] * len(cells)}
-    datasets.Dataset.from_dict(rows, features=FEATURES).to_parquet(str(path))
+    datasets.Dataset.from_dict(rows, features=CIFAR_FEATURES).to_parquet(str(path))
     return path
 
 
@@ -143,6 +124,7 @@ def test_tfds_source_reads_supervised_pairs(tmp_path, monkeypatch):
 
 
 def test_prepare_saves_the_hub_data_set_where_the_task_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "probe_hub", lambda name: None)  # the hub answers
     monkeypatch.setattr(datasets, "load_dataset", lambda name, cache_dir: cifar())
     out = tmp_path / "image"
     assert prepare_main(["image", "--out", str(out), "--hub-name", "uoft-cs/cifar10"]) == 0

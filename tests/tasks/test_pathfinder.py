@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import pathfinder
+from tasks import base, pathfinder
 from tasks.base import DataFormatError, DataNotFoundError, find_path
 from tasks.pathfinder import PathfinderDataModule, read_images, read_metadata
 from tasks.pathfinder_generator import write_release
@@ -108,7 +109,7 @@ def test_empty_image_is_skipped_and_nesting_is_found(copy):
 def test_a_nested_folder_is_searched_for_once_per_datamodule(copy, monkeypatch):
     root = copy("lra_release/lra_release")
     searches = []
-    monkeypatch.setattr(pathfinder, "find_path", lambda *a: searches.append(a) or find_path(*a))
+    monkeypatch.setattr(base, "find_path", lambda *a: searches.append(a) or find_path(*a))
     for _ in range(2):  # building the caches, then loading them
         PathfinderDataModule(str(root.parents[1])).setup()
         assert len(searches) == 1
@@ -181,3 +182,46 @@ def test_pathx_batches_build_from_generated_data(tmp_path):
     assert batch["input_ids"].shape == (4, 16384) and batch["input_ids"].dtype == torch.long
     assert batch["mask"].shape == (4, 16384) and batch["mask"].all()
     assert set(batch["label"].tolist()) <= {0, 1}
+
+
+def test_metadata_with_a_byte_order_mark_is_read(copy):
+    data = copy()
+    meta = data / FOLDER / "metadata" / "0.npy"
+    expected = read_metadata(data / FOLDER)
+    meta.write_bytes(b"\xef\xbb\xbf" + meta.read_bytes())
+    assert read_metadata(data / FOLDER) == expected
+
+
+def test_binary_metadata_names_the_file_line_and_byte(copy):
+    data = copy()
+    meta = data / FOLDER / "metadata" / "1.npy"
+    lines = meta.read_bytes().split(b"\n")
+    meta.write_bytes(b"\n".join(lines[:2] + [b"\x89PNG\r\n\x1a\n binary"] + lines[3:]))
+    offset = len(lines[0]) + len(lines[1]) + 2  # line 3 starts with 0x89, which UTF-8 never starts with
+    with pytest.raises(DataFormatError, match=rf"metadata/1\.npy:3: byte {offset} is b'\\x89', not text.*"
+                                              "prepare_data.py pathfinder"):
+        PathfinderDataModule(str(data)).setup()
+
+
+def test_generated_folder_is_regenerated_when_its_settings_differ(tmp_path):
+    dm = PathfinderDataModule(str(tmp_path), generate=True, generate_count=6)
+    dm.setup()
+    assert json.loads((tmp_path / FOLDER / "generator.json").read_text())["count"] == 6
+    more = PathfinderDataModule(str(tmp_path), generate=True, generate_count=10)
+    more.setup()
+    assert sum(len(more.splits[s]["label"]) for s in ("train", "val", "test")) == 10
+    reseeded = PathfinderDataModule(str(tmp_path), generate=True, generate_count=10, generate_seed=1)
+    reseeded.setup()
+    assert not torch.equal(reseeded.rows("train")["input_ids"], more.rows("train")["input_ids"])
+
+
+def test_release_folder_without_manifest_is_used_and_never_replaced(copy):
+    data = copy()
+    (data / FOLDER / "generator.json").unlink()  # as the LRA release's folders are
+    before = sorted(p.name for p in (data / FOLDER / "imgs").iterdir())
+    dm = PathfinderDataModule(str(data), generate=True, generate_count=6)
+    dm.setup()
+    assert sum(len(dm.splits[s]["label"]) for s in ("train", "val", "test")) == 40
+    assert sorted(p.name for p in (data / FOLDER / "imgs").iterdir()) == before
+    with pytest.raises(DataFormatError, match="without generator.json .* never overwritten"):
+        write_release(data, count=6, workers=1, progress=False)

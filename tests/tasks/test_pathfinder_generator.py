@@ -13,6 +13,7 @@ from PIL import Image
 
 from scripts.prepare_data import main as prepare_main
 from tasks import pathfinder_generator as gen
+from tasks.generated import MANIFEST
 from tasks.pathfinder_draw import ANGLE_STEP, Scene
 
 
@@ -107,7 +108,7 @@ def test_release_layout_is_exact_and_reproducible(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["pathfinder32"]
     files = _files(folder)
     expected_images = {f"imgs/{n // 3}/sample_{n % 3}.png" for n in range(7)}
-    assert set(files) == expected_images | {"metadata/0.npy", "metadata/1.npy", "metadata/2.npy"}
+    assert set(files) == expected_images | {"metadata/0.npy", "metadata/1.npy", "metadata/2.npy", "generator.json"}
     lines = files["metadata/2.npy"].decode().splitlines()
     assert lines == [f"imgs/2 sample_0.png 0 {gen.label_of(4, 6)} 1 14 4 2 0.5 1 1"]
     image = Image.open(folder / "imgs/1/sample_2.png")
@@ -127,8 +128,7 @@ def test_interrupted_generation_resumes(tmp_path):
     (partial / "metadata" / "1.npy").unlink()
     (partial / "imgs" / "1" / "sample_0.png").write_bytes(b"half a png")
     (partial / "imgs" / "0" / "sample_0.png").write_bytes(b"finished batch, kept")
-    manifest = {"settings": gen.Settings.release().as_dict(), "seed": 2, "count": 4, "batch_size": 2}
-    (partial / gen.MANIFEST).write_text(json.dumps(manifest))
+    (partial / MANIFEST).write_text(json.dumps(gen.manifest(gen.Settings.release(), 2, 4, 2)))
     resumed = gen.write_release(tmp_path / "resumed", count=4, seed=2, batch_size=2, workers=1, progress=False)
     assert not partial.exists()
     expected = _files(done) | {"imgs/0/sample_0.png": b"finished batch, kept"}

@@ -7,26 +7,7 @@ import torch
 
 from tasks.base import DataFormatError, DataNotFoundError
 from tasks.retrieval import RetrievalDataModule, read_tsv
-
-ROWS = {
-    "train": [
-        b'1.0\tP00-1001\tW99-0203\tWe cite "prior\twork on parsing',
-        b"0\tP00-1002\tJ93-1004\tAn unrelated paper.\tA 'quoted' caf\xc3\xa9 text",
-        b'1\tP00-1003\tA00-2000\t"\t"',
-        b"0.0\tP00-1004\tC00-1000\tshort\tlonger second document here",
-    ],
-    "eval": [b"0\ta\tb\tx\ty", b"1\tc\td\tz\tw"],
-    "test": [b"1\te\tf\tone\ttwo", b"0\tg\th\tthree\tfour", b"1\ti\tj\tfive\tsix"],
-}
-
-
-def write_release(root, rows=ROWS, newline=b"\n"):
-    folder = root / "lra_release" / "lra_release" / "tsv_data"
-    folder.mkdir(parents=True)
-    for split, lines in rows.items():
-        (folder / f"new_aan_pairs.{split}.tsv").write_bytes(newline.join(lines) + newline)
-    return folder
-
+from tests.helpers.aan import ROWS, write_release
 
 def ids_of(text: bytes, n: int) -> list[int]:
     ids = [b + 1 for b in text[:n]]
@@ -69,7 +50,7 @@ def test_windows_line_endings_and_blank_lines(tmp_path):
 def test_malformed_row_names_file_and_line(tmp_path, bad_row):
     rows = dict(ROWS, train=ROWS["train"][:2] + [bad_row])
     write_release(tmp_path, rows)
-    with pytest.raises(DataFormatError, match=r"new_aan_pairs\.train\.tsv:3: expected 5 tab-separated fields"):
+    with pytest.raises(DataFormatError, match=r"new_aan_pairs\.train\.tsv:3 \(byte \d+\): expected 5 tab-separated fields"):
         RetrievalDataModule(str(tmp_path), max_length=8).setup()
 
 
@@ -97,3 +78,20 @@ def test_a_replaced_release_file_rebuilds_the_cache(tmp_path):
     again = RetrievalDataModule(str(tmp_path), max_length=8)
     again.setup()
     assert again.rows("test")["input_ids"].tolist() == [ids_of(b"seven", 8)]
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    folder = write_release(tmp_path)
+    path = folder / "new_aan_pairs.test.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_tsv(path)[2] == [1, 0, 1]
+
+
+def test_binary_file_names_the_line_byte_offset_and_fix(tmp_path):
+    folder = write_release(tmp_path)
+    path = folder / "new_aan_pairs.eval.tsv"
+    good = b"0\ta\tb\tx\ty\n"
+    path.write_bytes(good + b"\x1f\x8b\x08\x00\x00\x00binary\x00\xff\n")
+    with pytest.raises(DataFormatError, match=rf"new_aan_pairs\.eval\.tsv:2 \(byte {len(good)}\): .*"
+                                              "prepare_data.py lra_release"):
+        read_tsv(path)

@@ -10,21 +10,10 @@ import pytest
 import torch
 
 from scripts.prepare_data import main as prepare_main
-from tasks.base import DataFormatError, DataNotFoundError
-from tasks.text import TextDataModule, byte_ids
-
-FEATURES = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
-TRAIN = {
-    "text": ["Great film!", 'A "so-called" classic<br />', "café crème", "bad", "worse", "meh", "ok fine", "superb"],
-    "label": [1, 1, 1, 0, 0, 0, 1, 1],
-}
-TEST = {"text": ["Loved it", "Hated it", "Zzz"], "label": [1, 0, 0]}
-
-
-def imdb_dict() -> datasets.DatasetDict:
-    return datasets.DatasetDict(
-        {split: datasets.Dataset.from_dict(rows, features=FEATURES) for split, rows in (("train", TRAIN), ("test", TEST))}
-    )
+from tasks import sources
+from tasks.base import DataFormatError, DataNotFoundError, byte_ids
+from tasks.text import TextDataModule
+from tests.helpers.hub import IMDB_FEATURES, IMDB_TRAIN, imdb_dict
 
 
 @pytest.fixture
@@ -63,7 +52,7 @@ def test_parquet_layout_gives_byte_ids_labels_and_test_as_validation(parquet_dir
     assert train["input_ids"][2].tolist() == expected_ids("café crème", 12)  # é is two bytes
     assert train["input_ids"][1].tolist() == expected_ids('A "so-called" classic<br />', 12)
     assert train["mask"][3].tolist() == [True] * 3 + [False] * 9
-    assert train["label"].tolist() == TRAIN["label"]
+    assert train["label"].tolist() == IMDB_TRAIN["label"]
     assert dm.splits["val"] is dm.splits["test"], "LRA validates on the test split; one tensor serves both"
     assert test["label"].tolist() == [1, 0, 0]
     assert torch.equal(val["input_ids"], test["input_ids"]) and torch.equal(val["label"], test["label"])
@@ -85,7 +74,7 @@ def test_validation_fraction_holds_out_a_fixed_part_of_train(parquet_dir):
     dm.setup()
     train, val = decode(dm.rows("train")["input_ids"]), decode(dm.rows("val")["input_ids"])
     assert len(train) == 6 and len(val) == 2 and not train & val
-    assert train | val == set(TRAIN["text"])
+    assert train | val == set(IMDB_TRAIN["text"])
     again = TextDataModule(str(parquet_dir), max_length=32, val_split=0.25, seed=5)
     assert torch.equal(again.build_split("val")["input_ids"], dm.rows("val")["input_ids"])
 
@@ -103,14 +92,14 @@ def test_cache_is_reused_and_keyed_by_settings(parquet_dir, monkeypatch):
 def test_a_replaced_or_added_parquet_file_rebuilds_the_cache(parquet_dir):
     TextDataModule(str(parquet_dir), max_length=12).setup()
     folder = parquet_dir / "plain_text"
-    datasets.Dataset.from_dict({"text": ["Brand new"], "label": [0]}, features=FEATURES).to_parquet(
+    datasets.Dataset.from_dict({"text": ["Brand new"], "label": [0]}, features=IMDB_FEATURES).to_parquet(
         str(folder / "test-00000-of-00001.parquet"))
-    datasets.Dataset.from_dict({"text": ["Second shard"], "label": [1]}, features=FEATURES).to_parquet(
+    datasets.Dataset.from_dict({"text": ["Second shard"], "label": [1]}, features=IMDB_FEATURES).to_parquet(
         str(folder / "train-00001-of-00002.parquet"))
     again = TextDataModule(str(parquet_dir), max_length=12)
     again.setup()
     assert decode(again.rows("test")["input_ids"]) == {"Brand new"}
-    assert decode(again.rows("train")["input_ids"]) == {t[:12] for t in TRAIN["text"]} | {"Second shard"}
+    assert decode(again.rows("train")["input_ids"]) == {t[:12] for t in IMDB_TRAIN["text"]} | {"Second shard"}
 
 
 def test_missing_data_names_the_command(tmp_path):
@@ -158,6 +147,7 @@ def test_tfds_source_reads_supervised_pairs(tmp_path, monkeypatch):
 
 
 def test_prepare_saves_the_hub_data_set_where_the_task_reads_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sources, "probe_hub", lambda name: None)  # the hub answers
     monkeypatch.setattr(datasets, "load_dataset", lambda name, cache_dir: imdb_dict())
     out = tmp_path / "text"
     assert prepare_main(["text", "--out", str(out)]) == 0
@@ -165,14 +155,52 @@ def test_prepare_saves_the_hub_data_set_where_the_task_reads_it(tmp_path, monkey
     assert f"task.data_dir={out}" in capsys.readouterr().out
     dm = TextDataModule(str(out), max_length=8)
     dm.setup()
-    assert dm.splits["train"]["label"].tolist() == TRAIN["label"]
+    assert dm.splits["train"]["label"].tolist() == IMDB_TRAIN["label"]
 
 
 def test_prepare_offline_prints_one_line_with_what_to_fetch(tmp_path, monkeypatch, capsys):
     def offline(name, cache_dir):
         raise ConnectionError("Couldn't reach 'stanfordnlp/imdb' on the Hub (LocalEntryNotFoundError)")
 
+    monkeypatch.setattr(sources, "probe_hub", lambda name: None)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     assert prepare_main(["text", "--out", str(tmp_path / "text")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "https://huggingface.co/datasets/stanfordnlp/imdb" in err and str(tmp_path / "text") in err
+
+
+def test_a_damaged_parquet_file_names_itself_and_the_command(parquet_dir):
+    path = parquet_dir / "plain_text" / "train-00000-of-00001.parquet"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DataFormatError, match=r"train-00000-of-00001\.parquet: cannot read IMDb's 'train' split.*"
+                                              r"prepare_data\.py text --out"):
+        TextDataModule(str(parquet_dir), max_length=8).build_split("train")
+
+
+def test_text_that_is_not_utf8_names_the_row_and_byte(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "plain_text"
+    folder.mkdir()
+    text = pa.array([b"fine", b"caf\xe9 latin-1"], type=pa.binary()).view(pa.string())  # unchecked bytes
+    pq.write_table(pa.table({"text": text, "label": [0, 1]}), folder / "train-00000-of-00001.parquet")
+    with pytest.raises(DataFormatError, match=r"parquet: row 1: field 'text' is not UTF-8 text \(.* at byte 3\)"):
+        TextDataModule(str(tmp_path), max_length=8).build_split("train")
+
+
+def test_a_damaged_save_to_disk_copy_names_its_folder(tmp_path):
+    saved = tmp_path / "hf_dataset"
+    imdb_dict().save_to_disk(str(saved))
+    next((saved / "train").glob("*.arrow")).write_bytes(b"\x00\x01 not arrow" * 10)
+    with pytest.raises(DataFormatError, match=rf"{saved}: cannot read IMDb's 'train' split.*prepare_data\.py text"):
+        TextDataModule(str(tmp_path), max_length=8).build_split("train")
+
+
+def test_a_bad_label_names_its_row(tmp_path):
+    folder = tmp_path / "plain_text"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 7]}).to_parquet(
+        str(folder / "train-00000-of-00001.parquet"))
+    with pytest.raises(DataFormatError, match=r"parquet: row 2: field 'label' holds 7"):
+        TextDataModule(str(tmp_path), max_length=8).build_split("train")

@@ -1,0 +1,1 @@
+"""Fixture builders shared by several test modules: data sets in the real formats."""
