@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart train test test-fast bench clean
+.PHONY: help install quickstart train test test-fast bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
@@ -33,6 +33,13 @@ test-fast: ## the tests without end-to-end runs of train.py
 
 bench: ## speed and memory against sequence length: make bench ARGS="--quick"
 	$(PY) scripts/bench.py $(ARGS)
+
+GPU_OUT ?= outputs/gpu-check
+gpu-check: install ## on a CUDA machine, about 10 min: CUDA tests, lra/* presets, bench --targets; outputs/gpu-check/report.md
+	@mkdir -p $(GPU_OUT)
+	-GPU_CHECK_OUT=$(GPU_OUT) $(PY) -m pytest -q -m cuda -p no:cacheprovider tests/gpu 2>&1 | tee $(GPU_OUT)/tests.log
+	-$(PY) scripts/bench.py --targets --device cuda --out $(GPU_OUT)/bench 2>&1 | tee $(GPU_OUT)/bench.log
+	$(PY) -m cast.bench.gpu_check $(GPU_OUT)
 
 clean: ## remove run outputs, caches and build leftovers (keeps data/ and .venv)
 	rm -rf outputs/runs outputs/multirun .pytest_cache *.egg-info
