@@ -154,6 +154,7 @@ class LastCheckpoint(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
         self.every = every_n_train_steps
         self.overrides = list(overrides or [])
+        self._training = False
 
     def _save(self, trainer, collective: bool = True) -> None:
         tmp = self.path.with_name(f".last.ckpt.{os.getpid()}.tmp")
@@ -177,6 +178,11 @@ class LastCheckpoint(L.Callback):
     def on_train_end(self, trainer, pl_module):
         self._save(trainer)
 
+    def on_train_start(self, trainer, pl_module):
+        self._training = True
+
     def on_exception(self, trainer, pl_module, exception):
-        if trainer.state.fn == "fit":
+        # Not before training started: a resume that fails while setting up (or restoring) would
+        # otherwise replace the checkpoint it resumes from with fresh weights.
+        if trainer.state.fn == "fit" and self._training:
             self._save(trainer, collective=False)

@@ -79,3 +79,16 @@ def test_plain_progress_rate_after_a_resume_counts_only_this_processs_steps(caps
     clock.now = 20.0
     progress.on_train_batch_end(trainer_at(110), None, None, None, 9)
     assert capsys.readouterr().out.splitlines()[-1] == "step 110/100 (0.50 steps/s)"
+
+
+class CrashInSetup(L.Callback):
+    def setup(self, trainer, pl_module, stage):
+        raise RuntimeError("simulated crash before training")
+
+
+def test_an_exception_before_training_starts_leaves_last_ckpt_alone(tmp_path):
+    """A resume that fails while it sets up must not replace the checkpoint it would resume from."""
+    (tmp_path / "last.ckpt").write_bytes(b"the checkpoint of an earlier run")
+    with pytest.raises(RuntimeError, match="before training"):
+        fit(tmp_path, CrashInSetup())
+    assert (tmp_path / "last.ckpt").read_bytes() == b"the checkpoint of an earlier run"
