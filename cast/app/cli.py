@@ -61,7 +61,8 @@ def record_early_failure(cfg: DictConfig, error: Exception) -> None:
     from cast.app.results import start_results, write_results
 
     out_dir = Path(cfg.paths.output_dir)
-    write_results(out_dir, {**start_results(cfg, out_dir), "status": "failed", "error": f"{type(error).__name__}: {error}"})
+    failed = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+    write_results(out_dir, {**start_results(cfg, out_dir), **failed})
 
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="train")

@@ -74,6 +74,9 @@ class StopSignals:
 def resume_command(overrides: list[str], run_dir: str | Path) -> str:
     """The command that continues this run in its own directory from checkpoints/last.ckpt."""
     script = sys.argv[0] if sys.argv else ""
-    program = "cast-train" if Path(script).name == "cast-train" else f"python {script if script.endswith('train.py') else 'train.py'}"
-    kept = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("ckpt_path", "hydra.run.dir")]
+    if Path(script).name == "cast-train":
+        program = "cast-train"
+    else:  # in-process callers (tests, notebooks) get the repository's entry point
+        program = f"python {script if script.endswith('train.py') else 'train.py'}"
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
     return " ".join([program, *map(shlex.quote, kept), shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=last"])

@@ -34,6 +34,7 @@ def swept_overrides() -> list[str]:
     Optuna) and the command line's sweeps (``a=1,2``, ``range(...)``); [] outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -43,11 +44,11 @@ def swept_overrides() -> list[str]:
     arguments = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
     try:
         keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(arguments) if o.is_sweep_override()}
-    except Exception:  # an argv that is not Hydra's (a launcher's own process): the params suffice
+    except OverrideParseException:  # an argv that is not Hydra's (a launcher's own process): the params suffice
         pass
-    # seed, task and attention are in the default name already; the name itself is no distinction
-    keys -= {"seed", "task", "attention"}
-    return [o for o in hydra_cfg.overrides.task if _override_key(o) in keys and not _override_key(o).startswith("logger.")]
+    # seed, task and attention are in the default name already; W&B's own settings tell no job apart
+    keys = {k for k in keys - {"seed", "task", "attention"} if not k.startswith("logger.")}
+    return [o for o in hydra_cfg.overrides.task if _override_key(o) in keys]
 
 
 def prepare_wandb_config(cfg: DictConfig) -> None:
