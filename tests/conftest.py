@@ -19,8 +19,9 @@ CONFIGS = CONFIG_DIR
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-# A model and a run small enough to train in seconds on one CPU core: configs/debug/tiny.yaml.
-TINY = ["debug=tiny", "progress=none"]
+# A model and a run small enough to train in seconds on one CPU core: configs/debug/tiny.yaml,
+# on ListOps cut to 64 tokens.
+TINY = ["debug=tiny", "task.max_length=64", "progress=none"]
 
 
 @pytest.fixture(scope="session")

@@ -179,7 +179,8 @@ def test_plain_progress_announces_each_phase(tiny_cfg, capsys):
 
 
 def test_debug_overfit_drives_the_training_loss_down_on_one_listops_batch(listops_dir, tmp_path):
-    train(compose_train(tmp_path / "run", ["debug=overfit", "progress=none", f"task.data_dir={listops_dir}"]))
+    train(compose_train(tmp_path / "run", ["debug=overfit", "task.max_length=64", "progress=none",
+                                           f"task.data_dir={listops_dir}"]))
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         losses = [float(row["train/loss_step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
     assert len(losses) >= 8
