@@ -1,8 +1,10 @@
 """Stopping a run on SIGTERM (schedulers) or SIGINT (Ctrl-C) so that it can be resumed exactly.
 
 While train() runs, :class:`StopSignals` turns either signal into :class:`Interrupted`: during
-fit at the start of the next training or validation batch (the weights, optimizer and data position then
-agree, and last.ckpt is written from them), elsewhere at once. train() records
+fit at the start of the next training or validation batch (cast.app.callbacks.StopOnSignal;
+weights, optimizer and data position then agree, and last.ckpt is written from them), elsewhere
+at once. During fit Lightning's own SIGTERM handler may get there first with SIGTERMException at
+the end of the batch, which train() records the same way. train() records
 ``status: interrupted`` with the signal, the step and the resume command in results.json, and the
 entry point prints that command and exits with 128 + the signal number (SIGTERM 143, SIGINT 130),
 the shell's convention, so a scheduler sees that the job did not finish.
@@ -18,7 +20,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
