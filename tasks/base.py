@@ -285,7 +285,9 @@ class LRADataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # processed, not completed: a save in on_train_batch_end (last.ckpt's periodic one) comes
+        # after the batch's step but before Lightning counts it completed.
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "samples_done": done * self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -31,6 +31,7 @@ from cast.app.run import train
 from cast.bench.benchmark import Spec, discover
 from tasks.base import LRADataModule
 from tests.conftest import CONFIGS, ROOT, TINY, compose_train
+from tests.wandb_records import run_info
 
 ATTENTIONS = registry.mechanisms()
 # Path-X (16,384 tokens) has a preset but stays out of the default LRA sweep.
@@ -198,12 +199,17 @@ def tiny(listops_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_cluster_sweep_runs_and_the_command_line_wins(listops_dir, tmp_path):
     done = run("train.py", "-m", "+sweep=clusters", *tiny(listops_dir), "attention.num_clusters=2,4", "seed=3",
-               f"hydra.sweep.dir={tmp_path}")
+               "logger=wandb", f"hydra.sweep.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     results = sorted((json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")),
                      key=lambda r: r["attention_options"]["num_clusters"])
     assert [(r["attention"], r["attention_options"]["num_clusters"], r["seed"], r["status"]) for r in results] == [
         ("cast", 2, 3, "ok"), ("cast", 4, 3, "ok")]
+    # Each job's W&B run is named and tagged by what the sweep varies.
+    runs = sorted(run_info(next(Path(r["run_dir"]).glob("wandb/offline-run-*/*.wandb")))["name"] for r in results)
+    assert runs == ["listops-cast-seed3 attention.num_clusters=2", "listops-cast-seed3 attention.num_clusters=4"]
+    info = run_info(next(Path(results[0]["run_dir"]).glob("wandb/offline-run-*/*.wandb")))
+    assert info["tags"] == ["attention.num_clusters=2"] and info["group"] == "listops"
     done = run("scripts/report.py", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     with open(tmp_path / "report" / "clusters.csv") as f:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from cast.app.results import REQUIRED, read_results
-from cast.app.run import evaluate, train
+from cast.app.run import CheckpointMismatchError, evaluate, train
 from tests.conftest import ROOT, TINY, compose_train
 from tests.wandb_records import summary as wandb_summary
 
@@ -155,3 +157,31 @@ def test_compose_without_data_names_the_command(tmp_path):
     cfg = compose_train(tmp_path / "run", ["attention=vanilla", f"task.data_dir={tmp_path}/empty", "progress=none"])
     with pytest.raises(FileNotFoundError, match="prepare_data.py listops"):
         train(cfg)
+
+
+def test_resume_with_another_model_is_one_message_naming_the_tensors_and_the_runs_overrides(tiny_cfg, tmp_path):
+    train(tiny_cfg("attention=vanilla", "trainer.max_steps=2"))
+    with pytest.raises(CheckpointMismatchError) as refused:
+        train(tiny_cfg("attention=vanilla", "trainer.max_steps=4", "model.d_model=48", "ckpt_path=last"))
+    message = str(refused.value)
+    assert "\n" not in message and "does not fit this config" in message
+    assert "model.embedding.tokens.weight" in message and re.search(r"\(\d+, 32\) -> \(\d+, 48\)", message)
+    assert re.search(r"; and \d+ more", message), "a long list is summarised"
+    assert "trainer.max_steps=2" in message and "model.d_model" not in message.split("trained with")[1]
+    assert ".hydra/overrides.yaml" in message
+
+
+def test_plain_progress_announces_each_phase(tiny_cfg, capsys):
+    train(tiny_cfg("attention=vanilla", "progress=plain"))
+    phases = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()
+              if line.split(":")[0] in ("data", "fit", "validation", "test")]
+    assert phases == ["data", "fit", "validation", "validation", "test"]
+
+
+def test_debug_overfit_drives_the_training_loss_down_on_one_listops_batch(listops_dir, tmp_path):
+    train(compose_train(tmp_path / "run", ["debug=overfit", "task.max_length=64", "progress=none",
+                                           f"task.data_dir={listops_dir}"]))
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        losses = [float(row["train/loss_step"]) for row in csv.DictReader(f) if row.get("train/loss_step")]
+    assert len(losses) >= 8
+    assert max(losses[-2:]) < 0.3 * losses[0], losses

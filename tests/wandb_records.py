@@ -85,3 +85,11 @@ def tables(path: str | Path) -> list[dict]:
                 values.setdefault(keys[0], {}).update(value)
         found += [{"key": key, **value} for key, value in values.items() if value.get("_type") == "table-file"]
     return found
+
+
+def run_info(path: str | Path) -> dict:
+    """The run's name, group and tags as the run record holds them."""
+    for record in wait_for_exit(path):
+        if record.WhichOneof("record_type") == "run":
+            return {"name": record.run.display_name, "group": record.run.run_group, "tags": list(record.run.tags)}
+    raise AssertionError(f"{path}: no run record")

@@ -1,7 +1,8 @@
 """results.json: the one file per run that scripts/report.py reads.
 
 It is written when the run starts (``status: running``), rewritten atomically when it ends
-(``ok``, or ``failed`` with the error), so a run that dies still leaves a trace the report lists.
+(``ok``; ``failed`` with the error; ``interrupted`` by a signal, with the signal, the step and the
+command that resumes it), so a run that dies still leaves a trace the report lists.
 """
 
 from __future__ import annotations
@@ -16,6 +17,31 @@ REQUIRED = (
     "task", "attention", "attention_options", "seed", "val_acc_best", "test_acc", "params",
     "steps", "wall_time_s", "samples_per_s", "peak_mem_mb", "status",
 )
+
+
+def start_results(cfg, out_dir: str | Path) -> dict[str, Any]:
+    """The record of a run that is starting: what it trains, and nothing measured yet."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    options = OmegaConf.to_container(cfg.attention, resolve=True)
+    return {
+        "task": getattr(get_class(cfg.task._target_), "name", cfg.task._target_),
+        "attention": getattr(get_class(cfg.attention._target_), "name", cfg.attention._target_),
+        "attention_options": {k: v for k, v in options.items() if k not in ("_target_", "_partial_")},
+        "seed": cfg.seed,
+        "val_acc_best": None,
+        "test_acc": None,
+        "params": None,
+        "steps": 0,
+        "wall_time_s": 0.0,
+        "samples_per_s": None,
+        "peak_mem_mb": None,
+        "status": "running",
+        "run_dir": str(out_dir),
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+    }
 
 
 def _clean(value: Any) -> Any:

@@ -15,23 +15,22 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cast.app.callbacks import PlainProgress, RunStats, peak_memory_mb
+from cast.app.callbacks import PlainProgress, RunStats, StopOnSignal
+from cast.app.memory import peak_memory_mb
+from cast.app.interrupt import Interrupted, StopSignals, resume_command
+from cast.app.preflight import resolve_ckpt
 from cast.lit import LitClassifier
-from cast.app.results import write_results
+from cast.app.results import start_results, write_results
 from cast.app.wandb_utils import finish_wandb, prepare_wandb_config, summarise_wandb
 
-META_KEYS = ("_target_", "_partial_")
 
-
-def attention_options(cfg: DictConfig) -> dict[str, Any]:
-    opts = OmegaConf.to_container(cfg.attention, resolve=True)
-    return {k: v for k, v in opts.items() if k not in META_KEYS}
+class CheckpointMismatchError(ValueError):
+    """A checkpoint to resume from whose tensors do not fit the configured model."""
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier]:
@@ -51,33 +50,21 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier]:
     return datamodule, LitClassifier(model, datamodule.num_classes, **optim)
 
 
-def _progress_callbacks(mode: str, every: int) -> list[L.Callback]:
+def progress_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    mode = cfg.get("progress", "auto")
     if mode == "auto":
         mode = "rich" if sys.stdout.isatty() else "plain"
     if mode == "rich":
         return [RichProgressBar()]
-    return [PlainProgress(every)] if mode == "plain" else []
+    every = cfg.trainer.get("log_every_n_steps") or 50
+    return [PlainProgress(every, cfg.get("progress_every_s", 30))] if mode == "plain" else []
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if c is not None and "_target_" in c]
 
 
-def _resolve_ckpt(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """``last`` means this run directory's checkpoints/last.ckpt, when there is one."""
-    if ckpt_path in (None, "", "none"):
-        return None
-    if ckpt_path == "last":
-        last = out_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    if not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint; pass a .ckpt file or 'last'")
-    return ckpt_path
-
-
 def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, loggers: list) -> L.Trainer:
-    progress = cfg.get("progress", "auto")
-    callbacks = callbacks + _progress_callbacks(progress, cfg.trainer.get("log_every_n_steps", 50))
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -87,28 +74,38 @@ def make_trainer(cfg: DictConfig, out_dir: Path, callbacks: list, loggers: list)
     )
 
 
+def check_checkpoint_fits(ckpt_path: str, lit: LitClassifier) -> None:
+    """Refuse, in one message, a checkpoint whose tensors do not fit the model (Lightning would
+    print one 'size mismatch' line per tensor) and name the overrides it was trained with."""
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    theirs, ours = saved.get("state_dict", {}), lit.state_dict()
+    differ = [f"{k} {tuple(theirs[k].shape)} -> {tuple(v.shape)}" for k, v in ours.items()
+              if k in theirs and theirs[k].shape != v.shape]
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if not (differ or missing or unexpected):
+        return
+    parts = [f"{len(differ)} tensors differ in shape (checkpoint -> this config): " + "; ".join(differ[:4])
+             + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")] if differ else []
+    for label, keys in (("missing from the checkpoint", missing), ("not in this model", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {label}: " + ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else ""))
+    trained = saved.get("overrides")
+    hint = (f"it was trained with the overrides: {' '.join(trained) or '(none)'}" if trained is not None
+            else "resume with the overrides the run was trained with")
+    raise CheckpointMismatchError(
+        f"ckpt_path={ckpt_path} does not fit this config: {'. '.join(parts)}. Change the command line "
+        f"back: {hint} (each run directory lists its overrides in .hydra/overrides.yaml, which this "
+        "attempt has just rewritten with its own)")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit on the task's train split, pick the best validation checkpoint, test it.
 
-    results.json in the run directory records the outcome, also when the run fails.
+    results.json in the run directory records the outcome, also when the run fails or is
+    interrupted by SIGTERM/SIGINT (then :class:`Interrupted` is raised with the resume command).
     """
     out_dir = Path(cfg.paths.output_dir)
-    results: dict[str, Any] = {
-        "task": getattr(get_class(cfg.task._target_), "name", cfg.task._target_),
-        "attention": getattr(get_class(cfg.attention._target_), "name", cfg.attention._target_),
-        "attention_options": attention_options(cfg),
-        "seed": cfg.seed,
-        "val_acc_best": None,
-        "test_acc": None,
-        "params": None,
-        "steps": 0,
-        "wall_time_s": 0.0,
-        "samples_per_s": None,
-        "peak_mem_mb": None,
-        "status": "running",
-        "run_dir": str(out_dir),
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
-    }
+    results = start_results(cfg, out_dir)
     is_zero = rank_zero_only.rank == 0  # DDP ranks share rank 0's run directory
     if is_zero:
         write_results(out_dir, results)
@@ -119,45 +116,58 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Raised inside Lightning's own pytree helper on every fit with torch >= 2.10; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    try:
-        L.seed_everything(cfg.seed, workers=True)
-        datamodule, lit = build(cfg)
-        results["task"] = datamodule.name
-        results["params"] = sum(p.numel() for p in lit.parameters())
-        datamodule.setup()
-        results["test_majority_acc"] = _majority_rate(datamodule)
-        stats = RunStats()
-        callbacks = _instantiate_group(cfg.get("callbacks")) + [stats]
-        prepare_wandb_config(cfg)
-        loggers = _instantiate_group(cfg.get("logger"))
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer = make_trainer(cfg, out_dir, callbacks, loggers)
-        trainer.fit(lit, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.get("ckpt_path"), out_dir))
-        best = _best_checkpoint(trainer)
-        results["val_acc_best"] = _best_score(trainer)
-        if cfg.get("test", True):
-            tested = trainer.test(lit, datamodule=datamodule, ckpt_path=best, verbose=False)
-            results["test_acc"] = tested[0].get("test/acc") if tested else None
-        results.update(
-            steps=trainer.global_step,
-            samples_per_s=stats.samples_per_s,
-            peak_mem_mb=peak_memory_mb(lit.device),
-            best_checkpoint=best,
-            status="ok",
-        )
-    except BaseException as error:
-        results.update(status="failed", error=f"{type(error).__name__}: {error}")
-        if trainer is not None:
-            results["steps"] = trainer.global_step
-        raise
-    finally:
-        results["wall_time_s"] = round(time.time() - start, 3)
-        if is_zero:
-            write_results(out_dir, results)
-        if trainer is not None:
-            summarise_wandb(trainer, results)
-        finish_wandb()
+    progress = progress_callbacks(cfg)
+    say = next((c.say for c in progress if isinstance(c, PlainProgress)), lambda text: None)
+    with StopSignals() as stop:
+        try:
+            L.seed_everything(cfg.seed, workers=True)
+            datamodule, lit = build(cfg)
+            results["task"] = datamodule.name
+            results["params"] = sum(p.numel() for p in lit.parameters())
+            say(f"data: {datamodule.name} from {datamodule.data_dir}")
+            datamodule.setup()
+            results["test_majority_acc"] = _majority_rate(datamodule)
+            stats = RunStats()
+            callbacks = _instantiate_group(cfg.get("callbacks")) + [stats, StopOnSignal(stop)] + progress
+            prepare_wandb_config(cfg)
+            loggers = _instantiate_group(cfg.get("logger"))
+            for logger in loggers:
+                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            trainer = make_trainer(cfg, out_dir, callbacks, loggers)
+            ckpt_path = resolve_ckpt(cfg.get("ckpt_path"), out_dir)
+            if ckpt_path:
+                check_checkpoint_fits(ckpt_path, lit)
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+            best = _best_checkpoint(trainer)
+            results["val_acc_best"] = _best_score(trainer)
+            if cfg.get("test", True):
+                tested = trainer.test(lit, datamodule=datamodule, ckpt_path=best, verbose=False)
+                results["test_acc"] = tested[0].get("test/acc") if tested else None
+            results.update(
+                steps=trainer.global_step,
+                samples_per_s=stats.samples_per_s,
+                peak_mem_mb=peak_memory_mb(lit.device),
+                best_checkpoint=best,
+                status="ok",
+            )
+        except BaseException as error:
+            if trainer is not None:
+                results["steps"] = trainer.global_step
+            if stop.received is None:
+                results.update(status="failed", error=f"{type(error).__name__}: {error}")
+                raise
+            command = resume_command(results["overrides"], out_dir)
+            name = stop.received.name
+            results.update(status="interrupted", signal=name, resume=command)
+            raise Interrupted(stop.received, f"interrupted by {name} at step {results['steps']}; "
+                              f"checkpoints/last.ckpt holds it. Resume with:\n  {command}") from error
+        finally:
+            results["wall_time_s"] = round(time.time() - start, 3)
+            if is_zero:
+                write_results(out_dir, results)
+            if trainer is not None:
+                summarise_wandb(trainer, results)
+            finish_wandb()
     return results
 
 

@@ -147,9 +147,13 @@ def check_inputs(x: Tensor, mask: Tensor) -> None:
         raise TypeError(f"attention mask must be bool (True on real tokens), got {mask.dtype}")
 
 
-def option_error(mechanism: str, field: str, value, expected: str) -> ValueError:
+class OptionError(ValueError):
+    """A mechanism option with a bad value; train.py prints it without a traceback."""
+
+
+def option_error(mechanism: str, field: str, value, expected: str) -> OptionError:
     """A bad option value, naming the config file and the field to fix."""
-    return ValueError(
+    return OptionError(
         f"{mechanism} attention: {field}={value!r} must be {expected}; set attention.{field} in "
         f"configs/attention/{mechanism}.yaml or on the command line"
     )

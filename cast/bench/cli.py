@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from cast.app.preflight import busy_cpu_message
 from cast.bench.report import fidelity_markdown, plot, speed_markdown, write_csv
 from cast.bench.benchmark import (CONFIG_DIR, MATH, SKIPPED, VANILLA, Shape, Spec, build_step,
                             cpu_peaks, cuda_peak_mb, discover, failure, keep_freed_memory, parse_options,
@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.kept_memory = (args.device == "cpu" and not args.fidelity and not args.system_malloc
                         and keep_freed_memory())  # only timing needs it
-    if args.device == "cpu" and not args.fidelity and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
-        print(f"bench: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other processes compete "
-              "for the CPU, so times will be noisy; --threads 1 and more --repeats help", flush=True)
+    busy = busy_cpu_message("times will be noisy; --threads 1 and more --repeats help")
+    if args.device == "cpu" and not args.fidelity and busy:
+        print(f"bench: {busy}", flush=True)
     try:
         specs = chosen_specs(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -25,7 +25,7 @@ class Rows(LRADataModule):
 
 
 def fake_trainer(world: int, rank: int, epoch: int = 0, batches_done: int = 0):
-    progress = SimpleNamespace(current=SimpleNamespace(completed=batches_done))
+    progress = SimpleNamespace(current=SimpleNamespace(completed=batches_done, processed=batches_done))
     return SimpleNamespace(world_size=world, global_rank=rank, current_epoch=epoch,
                            fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
 
