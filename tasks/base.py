@@ -29,10 +29,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.errors import DataFormatError, DataNotFoundError  # noqa: F401  (the tasks import both from here)
+from tasks.errors import DataFormatError, DataNotFoundError
 from tasks.generated import MANIFEST, normal, recorded
 from tasks.samplers import EpochShuffleSampler, ShardSampler
 
+# The errors live in tasks/errors.py (light to import) and are re-exported here for the tasks.
+__all__ = ["DataFormatError", "DataNotFoundError", "TensorDictDataset", "compact_dtype", "pad_batch", "byte_ids",
+           "find_path", "atomic_save", "LRADataModule"]
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
