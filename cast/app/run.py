@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,6 +130,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = _instantiate_group(cfg.get("callbacks")) + [stats]
         prepare_wandb_config(cfg)
         loggers = _instantiate_group(cfg.get("logger"))
+        if not loggers:  # Lightning's LearningRateMonitor refuses a run without loggers
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer = make_trainer(cfg, out_dir, callbacks, loggers)
