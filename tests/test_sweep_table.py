@@ -39,3 +39,23 @@ def test_every_protocol_of_the_table_composes(tmp_path):
         cfg = compose_train(tmp_path, ["+sweep=table", f"experiment={experiment}", "attention=cast", "seed=1"])
         OmegaConf.to_container(cfg, resolve=True)
         assert cfg.task.generate and cfg.seed == 1
+
+
+def test_report_keeps_the_protocols_of_one_task_apart(tmp_path):
+    from cast.app.reporting import collect, lra_table
+    from cast.app.results import write_results
+
+    for i, (experiment, acc) in enumerate([("quickstart", 0.35), ("mini/listops", 0.3), ("lra/listops", 0.37)]):
+        run = tmp_path / str(i)
+        write_results(run, {"task": "listops", "attention": "vanilla", "attention_options": {}, "seed": 0,
+                            "val_acc_best": acc, "test_acc": acc, "params": 1, "steps": 1, "wall_time_s": 1.0,
+                            "samples_per_s": 1.0, "peak_mem_mb": 1.0, "status": "ok"})
+        choices = {"task": "listops", "attention": "vanilla", "experiment": experiment}
+        (run / ".hydra").mkdir()
+        OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, run / ".hydra" / "hydra.yaml")
+    runs = collect([tmp_path])
+    assert sorted(r.task for r in runs) == ["listops", "mini/listops", "quickstart"]
+    table = lra_table(runs, paper=False)
+    (row,) = table.rows
+    cells = dict(zip(table.keys, row.cells))
+    assert (cells["quickstart"].mean, cells["mini/listops"].mean, cells["listops"].mean) == (35.0, 30.0, 37.0)
