@@ -18,21 +18,22 @@ SCHEDULES = ("rsqrt", "cosine", "constant")
 
 
 def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based).
+    """Multiplier of ``optim.lr`` for optimiser step s = ``step``, counted from 0 as LRA counts.
 
-    rsqrt: min(1, s/warmup) / sqrt(max(s, warmup)) -- LRA's text schedule exactly, so the peak
-    rate is lr / sqrt(warmup) (LRA's lr 0.05 with warmup 1000 peaks at 1.6e-3);
-    cosine: linear warmup, then cosine decay to zero at ``total_steps``; constant: warmup only.
+    ``optim.lr`` is the peak rate in every schedule: each factor rises linearly to 1 over the
+    ``warmup_steps`` (so step 0 has rate 0, as in LRA) and then decays.
+    rsqrt: min(1, s/w) * sqrt(w / max(s, w)), LRA's text schedule base * min(1, s/w) / sqrt(max(s, w))
+    with base = lr * sqrt(w): LRA's base rate 0.05 with 1000 warmup steps is lr 0.05/sqrt(1000) = 1.58e-3;
+    cosine: min(1, s/w) * (1 + cos(pi * (s - w) / total)) / 2, LRA's cosine_decay with
+    steps_per_cycle = the run's steps (so the last step keeps a small rate);
+    constant: warmup only.
     """
-    s = step + 1
-    warm = min(1.0, s / warmup_steps) if warmup_steps > 0 else 1.0
+    warm = min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
     if schedule == "rsqrt":
-        return warm / math.sqrt(max(s, warmup_steps, 1))
+        return warm * math.sqrt(max(warmup_steps, 1) / max(step, warmup_steps, 1))
     if schedule == "cosine":
-        if s <= warmup_steps:
-            return warm
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        progress = max(0.0, (step - warmup_steps) / max(1, total_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return warm
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,10 @@ def test_lra_presets_follow_the_protocol(task, tmp_path):
     layers, heads, emb, mlp, batch, lr, wd, pooling = PROTOCOL[task]
     m = cfg.model
     assert (m.n_layers, m.n_heads, m.d_model, m.mlp_dim, m.pooling) == (layers, heads, emb, mlp, pooling)
-    assert (cfg.task.batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (batch, lr, wd)
+    assert (cfg.task.batch_size, cfg.optim.weight_decay) == (batch, wd)
+    # optim.lr is the peak; LRA's rsqrt base rate peaks at base / sqrt(warmup).
+    peak = lr / math.sqrt(cfg.optim.warmup_steps) if cfg.optim.schedule == "rsqrt" else lr
+    assert math.isclose(cfg.optim.lr, peak, rel_tol=1e-12)
     assert get_class(cfg.task._target_).name == task
 
 

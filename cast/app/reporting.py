@@ -167,6 +167,9 @@ def load_run(path: Path) -> Run:
         # they exist even for a run that failed before its datamodule or attention was built.
         choices = OmegaConf.select(OmegaConf.load(hydra_dir / "hydra.yaml"), "hydra.runtime.choices") or {}
         task, attention = choices.get("task") or task, choices.get("attention") or attention
+        experiment = choices.get("experiment")
+        if experiment and not experiment.startswith("lra/"):  # quickstart, mini/*: columns of their own
+            task = experiment
     return Run(path=path, results=results, task=task, attention=attention, settings=settings)
 
 

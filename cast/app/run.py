@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -131,6 +131,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callbacks = _instantiate_group(cfg.get("callbacks")) + [stats, StopOnSignal(stop)] + progress
             prepare_wandb_config(cfg)
             loggers = _instantiate_group(cfg.get("logger"))
+            if not loggers:  # Lightning's LearningRateMonitor refuses a run without loggers
+                callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             trainer = make_trainer(cfg, out_dir, callbacks, loggers)

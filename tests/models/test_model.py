@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cast.attention.vanilla import VanillaAttention
-from cast.lit import lr_factor
 from cast.models import LRAClassifier
 from cast.models.embedding import sinusoidal_table
 from cast.models.heads import pool
@@ -73,13 +72,3 @@ def test_sinusoidal_table_values():
     assert table[0, 0] == 0 and table[0, 1] == 1
     assert math.isclose(table[3, 2].item(), math.sin(3 / 10_000 ** (2 / 6)), rel_tol=1e-5)
 
-
-def test_lr_schedules():
-    # LRA rsqrt: lr * min(1, s/w) / sqrt(max(s, w)), s counted from 1.
-    assert math.isclose(lr_factor(0, "rsqrt", 100, 1000), (1 / 100) / 10)
-    assert math.isclose(lr_factor(99, "rsqrt", 100, 1000), 1 / 10)
-    assert math.isclose(lr_factor(399, "rsqrt", 100, 1000), 1 / 20)
-    assert math.isclose(lr_factor(9, "cosine", 10, 110), 1.0)
-    assert math.isclose(lr_factor(59, "cosine", 10, 110), 0.5, abs_tol=1e-9)
-    assert lr_factor(109, "cosine", 10, 110) < 1e-9
-    assert lr_factor(4, "constant", 10, 100) == 0.5 and lr_factor(50, "constant", 10, 100) == 1.0
