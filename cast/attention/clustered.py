@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import Attention, key_padding_bias, require_positive
-from cast.attention.hamming import hamming_kmeans, hash_codes, memberships
+from cast.attention.hamming import hamming_kmeans, hash_codes
 
 
 class ClusteredAttention(Attention):
@@ -94,6 +94,12 @@ class ClusteredAttention(Attention):
         with torch.autocast(q.device.type, enabled=False):
             codes = hash_codes(q.float(), planes.float())
             return hamming_kmeans(codes, mask, self.num_clusters, self.iterations)[0]
+
+
+def memberships(assignment: Tensor, num_clusters: int, dtype: torch.dtype) -> Tensor:
+    """One-hot (B, h, N, C) of ``assignment`` (B, h, N); unassigned queries (-1) get a zero row."""
+    clusters = torch.arange(num_clusters, device=assignment.device)
+    return (assignment.unsqueeze(-1) == clusters).to(dtype)
 
 
 def per_query(t: Tensor, assignment: Tensor) -> Tensor:
