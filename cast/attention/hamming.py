@@ -52,21 +52,23 @@ def hamming_kmeans(
     position on ties), which keeps the whole procedure deterministic: only the hash planes are
     random. A row with fewer valid queries than clusters simply keeps the surplus clusters empty.
     """
-    batch, heads, length, bits = codes.shape
-    valid = mask[:, None, :].expand(batch, heads, length)
-    code_bytes = pack_bytes(codes)
+    valid = mask[:, None, :].expand(codes.shape[:3])
+    slots = byte_slots(codes)
     centroids = _initial_centroids(codes, mask, num_clusters)
     for _ in range(iterations - 1):
-        assignment, similarity = assign(code_bytes, centroids, valid)
-        centroids = _update(codes, code_bytes, assignment, similarity, mask, num_clusters)
-    return assign(code_bytes, centroids, valid)[0], centroids
+        assignment, similarity = assign(slots, centroids, valid)
+        centroids = _update(codes, slots, assignment, similarity, mask, num_clusters)
+    return assign(slots, centroids, valid)[0], centroids
 
 
-def pack_bytes(codes: Tensor) -> Tensor:
-    """Byte values (B, h, N, J) of ±1 codes (B, h, N, b): bit t of byte j is code bit 8j + t > 0."""
+def byte_slots(codes: Tensor) -> Tensor:
+    """256 j + (byte j of each code) (B, h, N, J), with bit t of byte j = code bit 8j + t > 0:
+    the row of each byte in a (J, 256) table of byte values."""
     bits = codes.shape[-1]
-    ones = F.pad(codes > 0, (0, -bits % 8)).unflatten(-1, (-1, 8)).long()
-    return (ones << torch.arange(8, device=codes.device)).sum(-1)
+    ones = F.pad((codes > 0).float(), (0, -bits % 8)).unflatten(-1, (-1, 8))
+    powers = 2.0 ** torch.arange(8, device=codes.device)
+    offsets = 256.0 * torch.arange(ones.shape[-2], device=codes.device)
+    return (ones @ powers + offsets).long()
 
 
 def _byte_patterns(device: torch.device) -> Tensor:
@@ -75,31 +77,31 @@ def _byte_patterns(device: torch.device) -> Tensor:
     return ((values[:, None] >> torch.arange(8, device=device)) & 1).float() * 2 - 1
 
 
-def similarity_table(centroids: Tensor) -> Tensor:
-    """(B, h, J, 256, C): <byte value v, centroid c's byte j> over the bits of byte j.
+def similarity_table(centroids: Tensor, scale: float = 1.0) -> Tensor:
+    """(B, h, J, 256, C): scale · <byte value v, centroid c's byte j> over the bits of byte j.
 
     Bits past b (the padding of the last byte) are 0 in the padded centroids, so they add nothing.
     """
     bits = centroids.shape[-1]
     padded = F.pad(centroids.float(), (0, -bits % 8)).unflatten(-1, (-1, 8))
-    return torch.einsum("vt,ghcjt->ghjvc", _byte_patterns(centroids.device), padded)
+    return (_byte_patterns(centroids.device) * scale) @ padded.permute(0, 1, 3, 4, 2)
 
 
-def assign(code_bytes: Tensor, centroids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def assign(slots: Tensor, centroids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each query (first one on ties) and its similarity b - 2 * Hamming.
 
-    code_bytes (B, h, N, J) from :func:`pack_bytes`, centroids (B, h, C, b) of ±1, valid
-    (B, h, N). The similarities are small integers, exact in float32; each is scaled by C and
-    tagged with C - 1 - c so that one ``amax`` (far cheaper than ``max`` with indices) yields
-    both the largest similarity and, on ties, the first centroid holding it.
+    slots (B, h, N, J) from :func:`byte_slots`, centroids (B, h, C, b) of ±1, valid (B, h, N).
+    The similarities are small integers, exact in float32; each is scaled by C and tagged with
+    C - 1 - c so that one ``amax`` (far cheaper than ``max`` with indices) yields both the
+    largest similarity and, on ties, the first centroid holding it.
     """
-    batch, heads, length, nbytes = code_bytes.shape
+    batch, heads, length, nbytes = slots.shape
     clusters = centroids.shape[-2]
-    table = similarity_table(centroids) * clusters
+    table = similarity_table(centroids, scale=clusters)
     table[:, :, 0] += torch.arange(clusters - 1, -1, -1, device=table.device, dtype=table.dtype)
-    groups = torch.arange(batch * heads, device=code_bytes.device).view(batch, heads, 1, 1)
-    rows = code_bytes + 256 * (torch.arange(nbytes, device=code_bytes.device) + nbytes * groups)
-    tagged = F.embedding_bag(rows.reshape(-1, nbytes), table.reshape(-1, clusters), mode="sum")
+    groups = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1, 1)
+    rows = (slots + groups * (nbytes * 256)).view(-1, nbytes)
+    tagged = F.embedding_bag(rows, table.view(-1, clusters), mode="sum")
     best = tagged.amax(-1).long().view(batch, heads, length)
     assignment = clusters - 1 - best.remainder(clusters)
     similarity = best.div(clusters, rounding_mode="floor")
@@ -120,32 +122,30 @@ def _initial_centroids(codes: Tensor, mask: Tensor, num_clusters: int) -> Tensor
     return _gather_codes(codes, start[:, None, :].expand(batch, heads, num_clusters))
 
 
-def _vote(code_bytes: Tensor, assignment: Tensor, num_clusters: int, bits: int) -> tuple[Tensor, Tensor]:
+def _vote(slots: Tensor, assignment: Tensor, num_clusters: int, bits: int) -> tuple[Tensor, Tensor]:
     """Per-cluster sums of the members' ±1 codes (B, h, C, b) and member counts (B, h, C).
 
     Counts the members of each byte value at each byte position (padded queries count in a
     spare cluster C that is dropped), then sums the bits of those byte values.
     """
-    batch, heads, length, nbytes = code_bytes.shape
-    slots = num_clusters + 1
-    device = code_bytes.device
+    batch, heads, length, nbytes = slots.shape
+    spare = num_clusters + 1
     cluster = assignment.masked_fill(assignment < 0, num_clusters)
-    groups = torch.arange(batch * heads, device=device).view(batch, heads, 1)
-    owner = (cluster + slots * groups).unsqueeze(-1) * nbytes + torch.arange(nbytes, device=device)
-    index = (owner * 256 + code_bytes).view(-1)
-    counts = torch.zeros(batch * heads * slots * nbytes * 256, device=device)
-    counts.index_add_(0, index, torch.ones(index.shape[0], device=device))
-    counts = counts.view(batch, heads, slots, nbytes, 256)[:, :, :num_clusters]
-    sums = (counts @ _byte_patterns(device)).flatten(-2)[..., :bits]
-    return sums, counts[..., 0, :].sum(-1)
+    groups = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1)
+    index = (slots + ((cluster + spare * groups) * (nbytes * 256)).unsqueeze(-1)).view(-1)
+    counts = torch.zeros(batch * heads * spare * nbytes * 256, device=slots.device)
+    counts.index_add_(0, index, torch.ones(1, device=slots.device).expand(index.shape[0]))
+    sums = (counts.view(-1, 256) @ _byte_patterns(slots.device)).view(batch, heads, spare, -1)
+    sizes = counts.view(batch, heads, spare, nbytes, 256)[:, :, :num_clusters, 0].sum(-1)
+    return sums[:, :, :num_clusters, :bits], sizes
 
 
 def _update(
-    codes: Tensor, code_bytes: Tensor, assignment: Tensor, similarity: Tensor, mask: Tensor,
+    codes: Tensor, slots: Tensor, assignment: Tensor, similarity: Tensor, mask: Tensor,
     num_clusters: int,
 ) -> Tensor:
     batch, heads, length, bits = codes.shape
-    sums, sizes = _vote(code_bytes, assignment, num_clusters, bits)
+    sums, sizes = _vote(slots, assignment, num_clusters, bits)
     # A tied vote gives -1 (bit 0), as in the reference.
     voted = torch.where(sums > 0, 1.0, -1.0).to(codes.dtype)
 

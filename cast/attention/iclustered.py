@@ -31,7 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import require_positive
-from cast.attention.clustered import ClusteredAttention, per_query
+from cast.attention.cluster_blocks import block_layout
+from cast.attention.clustered import ClusteredAttention
+
+
+BLOCK = 16  # queries per block of the cluster-sorted layout (cluster_blocks)
 
 
 class ImprovedClusteredAttention(ClusteredAttention):
@@ -62,13 +66,14 @@ class ImprovedClusteredAttention(ClusteredAttention):
         top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
         rest = F.dropout(weights.scatter(-1, top, 0.0), self.dropout, self.training) @ v
 
-        own_top = per_query(top, assignment)
+        layout = block_layout(assignment, self.num_clusters, BLOCK)
+        own_top = layout.per_block(top)
         keys, values = gather_rows(k, own_top), gather_rows(v, own_top)
-        scores = torch.einsum("bhnd,bhnkd->bhnk", q, keys) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~per_query(top_valid, assignment), torch.finfo(scores.dtype).min)
-        exact = torch.softmax(scores, dim=-1) * per_query(top_mass, assignment)
+        scores = layout.to_blocks(q) @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~layout.per_block(top_valid).unsqueeze(-2), torch.finfo(scores.dtype).min)
+        exact = torch.softmax(scores, dim=-1) * layout.per_block(top_mass).unsqueeze(-1)
         exact = F.dropout(exact, self.dropout, self.training)
-        return per_query(rest, assignment) + torch.einsum("bhnk,bhnkd->bhnd", exact, values)
+        return layout.from_blocks(exact @ values + layout.per_block(rest).unsqueeze(-2))
 
 
 def gather_rows(t: Tensor, index: Tensor) -> Tensor:
