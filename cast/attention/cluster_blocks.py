@@ -19,12 +19,36 @@ import torch
 from torch import Tensor
 
 
+def take_rows(t: Tensor, index: Tensor) -> Tensor:
+    """Rows of t (B, h, N, X) at index (B, h, M): (B, h, M, X).
+
+    One ``index_select`` on the flattened rows: forward and backward 3-4x faster on a CPU than
+    ``gather`` with an index expanded over X and its ``scatter_add`` backward.
+    """
+    b, h, n, x = t.shape
+    offsets = n * torch.arange(b * h, device=index.device).view(b, h, 1)
+    flat = (index + offsets).reshape(-1)
+    return t.reshape(b * h * n, x).index_select(0, flat).view(b, h, index.shape[-1], x)
+
+
+def block_size(length: int, num_clusters: int) -> int:
+    """Slots per block: about half the mean cluster size, a power of two in [16, 128].
+
+    Larger blocks mean fewer gathered key blocks (M·k rows) and larger products; the price is
+    the padding of each cluster to whole blocks, about C·T/2 slots, a quarter of N here.
+    """
+    half_mean = max(length // (2 * num_clusters), 1)
+    return min(max(1 << (half_mean.bit_length() - 1), 16), 128)
+
+
 @dataclass
 class BlockLayout:
-    """Where each query sits: ``slot`` (B, h, N) in 0..M·T - 1, and the cluster of each block
-    ``block_cluster`` (B, h, M). Slots no query fills are zero rows in :meth:`to_blocks`."""
+    """Where each query sits: ``slot`` (B, h, N) in 0..M·T - 1, ``query`` (B, h, M·T) the query
+    in each slot, and the cluster of each block ``block_cluster`` (B, h, M). A slot no query fills
+    holds a copy of query 0 whose results are never read (so its gradient is zero)."""
 
     slot: Tensor
+    query: Tensor
     block_cluster: Tensor
     block: int
 
@@ -33,22 +57,24 @@ class BlockLayout:
         return self.block_cluster.shape[-1]
 
     def to_blocks(self, t: Tensor) -> Tensor:
-        """Per-query rows t (B, h, N, X) -> (B, h, M, T, X), zeros in the unfilled slots."""
+        """Per-query rows t (B, h, N, X) -> (B, h, M, T, X)."""
         b, h, _, x = t.shape
-        out = t.new_zeros(b, h, self.blocks * self.block, x)
-        out = out.scatter(2, self.slot.unsqueeze(-1).expand(-1, -1, -1, x), t)
-        return out.view(b, h, self.blocks, self.block, x)
+        return take_rows(t, self.query).view(b, h, self.blocks, self.block, x)
 
     def from_blocks(self, t: Tensor) -> Tensor:
         """Block rows t (B, h, M, T, X) -> each query's row (B, h, N, X)."""
         b, h, _, _, x = t.shape
-        flat = t.reshape(b, h, self.blocks * self.block, x)
-        return flat.gather(2, self.slot.unsqueeze(-1).expand(-1, -1, -1, x))
+        return take_rows(t.reshape(b, h, self.blocks * self.block, x), self.slot)
 
     def per_block(self, t: Tensor) -> Tensor:
         """Each block's row of its cluster: t (B, h, C, ...) -> (B, h, M, ...)."""
-        index = self.block_cluster.view(*self.block_cluster.shape, *([1] * (t.dim() - 3)))
-        return t.gather(2, index.expand(-1, -1, -1, *t.shape[3:]))
+        return take_rows(t.flatten(3), self.block_cluster).view(*self.block_cluster.shape, *t.shape[3:])
+
+    def keys(self, t: Tensor, top: Tensor) -> Tensor:
+        """Rows of t (B, h, N, d) at each block's cluster's ``top`` (B, h, C, k): (B, h, M, k, d)."""
+        b, h, _, d = t.shape
+        own = self.per_block(top)
+        return take_rows(t, own.flatten(2)).view(*own.shape, d)
 
 
 @torch.no_grad()
@@ -72,6 +98,8 @@ def block_layout(assignment: Tensor, num_clusters: int, block: int) -> BlockLayo
     slot = torch.empty_like(order).scatter_(2, order, first_block.gather(2, owner) * block + rank)
 
     blocks = int(blocks_end[..., -1].max())
+    query = torch.zeros(*cluster.shape[:2], blocks * block, dtype=torch.long, device=cluster.device)
+    query.scatter_(2, slot, torch.arange(length, device=cluster.device).expand_as(slot))
     starts = torch.arange(blocks, device=cluster.device).expand(*cluster.shape[:2], blocks)
     owner_of_block = torch.searchsorted(blocks_end, starts.contiguous(), right=True)
-    return BlockLayout(slot, owner_of_block.clamp(max=num_clusters - 1), block)
+    return BlockLayout(slot, query, owner_of_block.clamp(max=num_clusters - 1), block)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import Attention, key_padding_bias, require_positive
+from cast.attention.cluster_blocks import take_rows
 from cast.attention.hamming import hamming_kmeans, hash_codes
 
 
@@ -107,5 +108,4 @@ def per_query(t: Tensor, assignment: Tensor) -> Tensor:
 
     Padded queries (-1) read cluster 0; their outputs are zeroed downstream.
     """
-    index = assignment.clamp(min=0).unsqueeze(-1).expand(*assignment.shape, t.shape[-1])
-    return t.gather(2, index)
+    return take_rows(t, assignment.clamp(min=0))

@@ -53,54 +53,61 @@ def hamming_kmeans(
     random. A row with fewer valid queries than clusters simply keeps the surplus clusters empty.
     """
     valid = mask[:, None, :].expand(codes.shape[:3])
-    slots = byte_slots(codes)
+    chunks = Chunks(codes, width=8 if codes.shape[2] >= WIDE_FROM else 4)
     centroids = _initial_centroids(codes, mask, num_clusters)
     for _ in range(iterations - 1):
-        assignment, similarity = assign(slots, centroids, valid)
-        centroids = _update(codes, slots, assignment, similarity, mask, num_clusters)
-    return assign(slots, centroids, valid)[0], centroids
+        assignment, similarity = assign(chunks, centroids, valid)
+        centroids = _update(codes, chunks, assignment, similarity, mask, num_clusters)
+    return assign(chunks, centroids, valid)[0], centroids
 
 
-def byte_slots(codes: Tensor) -> Tensor:
-    """256 j + (byte j of each code) (B, h, N, J), with bit t of byte j = code bit 8j + t > 0:
-    the row of each byte in a (J, 256) table of byte values."""
-    bits = codes.shape[-1]
-    ones = F.pad((codes > 0).float(), (0, -bits % 8)).unflatten(-1, (-1, 8))
-    powers = 2.0 ** torch.arange(8, device=codes.device)
-    offsets = 256.0 * torch.arange(ones.shape[-2], device=codes.device)
-    return (ones @ powers + offsets).long()
+# Chunk width by length: a table holds C·2^w rows per chunk position, whatever N, and the bag
+# sums ceil(b / w) rows per query; below about 2K queries the 256-row byte tables cost more to
+# build and count into than the twice longer sums over 16-row nibble tables.
+WIDE_FROM = 4096
 
 
-def _byte_patterns(device: torch.device) -> Tensor:
-    """(256, 8) ±1 bits of every byte value, lowest bit first."""
-    values = torch.arange(256, device=device)
-    return ((values[:, None] >> torch.arange(8, device=device)) & 1).float() * 2 - 1
+class Chunks:
+    """Codes (B, h, N, b) cut into J = ceil(b / w) chunks of w bits (bit t of chunk j is code bit
+    w·j + t > 0; bits past b are 0): ``slots`` (B, h, N, J) = 2^w·j + value of chunk j, the row
+    of each chunk in a (J, 2^w) table, and ``patterns`` (2^w, w), the ±1 bits of every value."""
+
+    def __init__(self, codes: Tensor, width: int):
+        device, bits = codes.device, codes.shape[-1]
+        self.width, self.values = width, 1 << width
+        # value of chunk j = sum over its bits t of 2^t (x + 1) / 2: one matmul of the ±1 codes.
+        bit = torch.arange(bits, device=device)
+        nchunks = -(-bits // width)
+        weights = (bit[:, None] // width == torch.arange(nchunks, device=device)) * 2.0 ** (bit % width)[:, None]
+        offsets = float(self.values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
+        self.slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2).long().view(*codes.shape[:3], nchunks)
+        values = torch.arange(self.values, device=device)
+        self.patterns = ((values[:, None] >> torch.arange(width, device=device)) & 1).float() * 2 - 1
+
+    def table(self, centroids: Tensor, scale: float = 1.0) -> Tensor:
+        """(B, h, J, 2^w, C): scale · <chunk value v, centroid c's chunk j> over the chunk's bits.
+
+        Bits past b are 0 in the padded centroids, so they add nothing.
+        """
+        bits = centroids.shape[-1]
+        padded = F.pad(centroids.float(), (0, -bits % self.width)).unflatten(-1, (-1, self.width))
+        return (self.patterns * scale) @ padded.permute(0, 1, 3, 4, 2)
 
 
-def similarity_table(centroids: Tensor, scale: float = 1.0) -> Tensor:
-    """(B, h, J, 256, C): scale · <byte value v, centroid c's byte j> over the bits of byte j.
-
-    Bits past b (the padding of the last byte) are 0 in the padded centroids, so they add nothing.
-    """
-    bits = centroids.shape[-1]
-    padded = F.pad(centroids.float(), (0, -bits % 8)).unflatten(-1, (-1, 8))
-    return (_byte_patterns(centroids.device) * scale) @ padded.permute(0, 1, 3, 4, 2)
-
-
-def assign(slots: Tensor, centroids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+def assign(chunks: Chunks, centroids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each query (first one on ties) and its similarity b - 2 * Hamming.
 
-    slots (B, h, N, J) from :func:`byte_slots`, centroids (B, h, C, b) of ±1, valid (B, h, N).
-    The similarities are small integers, exact in float32; each is scaled by C and tagged with
-    C - 1 - c so that one ``amax`` (far cheaper than ``max`` with indices) yields both the
-    largest similarity and, on ties, the first centroid holding it.
+    centroids (B, h, C, b) of ±1, valid (B, h, N). The similarities are small integers, exact
+    in float32; each is scaled by C and tagged with C - 1 - c so that one ``amax`` (far cheaper
+    than ``max`` with indices) yields both the largest similarity and, on ties, the first
+    centroid holding it.
     """
-    batch, heads, length, nbytes = slots.shape
+    batch, heads, length, nchunks = chunks.slots.shape
     clusters = centroids.shape[-2]
-    table = similarity_table(centroids, scale=clusters)
+    table = chunks.table(centroids, scale=clusters)
     table[:, :, 0] += torch.arange(clusters - 1, -1, -1, device=table.device, dtype=table.dtype)
-    groups = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1, 1)
-    rows = (slots + groups * (nbytes * 256)).view(-1, nbytes)
+    groups = torch.arange(batch * heads, device=table.device).view(batch, heads, 1, 1)
+    rows = (chunks.slots + groups * (nchunks * chunks.values)).view(-1, nchunks)
     tagged = F.embedding_bag(rows, table.view(-1, clusters), mode="sum")
     best = tagged.amax(-1).long().view(batch, heads, length)
     assignment = clusters - 1 - best.remainder(clusters)
@@ -122,30 +129,31 @@ def _initial_centroids(codes: Tensor, mask: Tensor, num_clusters: int) -> Tensor
     return _gather_codes(codes, start[:, None, :].expand(batch, heads, num_clusters))
 
 
-def _vote(slots: Tensor, assignment: Tensor, num_clusters: int, bits: int) -> tuple[Tensor, Tensor]:
+def _vote(chunks: Chunks, assignment: Tensor, num_clusters: int, bits: int) -> tuple[Tensor, Tensor]:
     """Per-cluster sums of the members' ±1 codes (B, h, C, b) and member counts (B, h, C).
 
-    Counts the members of each byte value at each byte position (padded queries count in a
-    spare cluster C that is dropped), then sums the bits of those byte values.
+    Counts the members of each chunk value at each chunk position (padded queries count in a
+    spare cluster C that is dropped), then sums the bits of those values.
     """
-    batch, heads, length, nbytes = slots.shape
-    spare = num_clusters + 1
+    batch, heads, length, nchunks = chunks.slots.shape
+    spare, device = num_clusters + 1, chunks.slots.device
     cluster = assignment.masked_fill(assignment < 0, num_clusters)
-    groups = torch.arange(batch * heads, device=slots.device).view(batch, heads, 1)
-    index = (slots + ((cluster + spare * groups) * (nbytes * 256)).unsqueeze(-1)).view(-1)
-    counts = torch.zeros(batch * heads * spare * nbytes * 256, device=slots.device)
-    counts.index_add_(0, index, torch.ones(1, device=slots.device).expand(index.shape[0]))
-    sums = (counts.view(-1, 256) @ _byte_patterns(slots.device)).view(batch, heads, spare, -1)
-    sizes = counts.view(batch, heads, spare, nbytes, 256)[:, :, :num_clusters, 0].sum(-1)
-    return sums[:, :, :num_clusters, :bits], sizes
+    groups = torch.arange(batch * heads, device=device).view(batch, heads, 1)
+    owner = (cluster + spare * groups) * (nchunks * chunks.values)
+    index = (chunks.slots + owner.unsqueeze(-1)).view(-1)
+    counts = torch.zeros(batch * heads * spare * nchunks * chunks.values, device=device)
+    counts.scatter_add_(0, index, torch.ones(index.shape, device=device))
+    counts = counts.view(batch, heads, spare, nchunks, chunks.values)[:, :, :num_clusters]
+    sums = F.linear(counts, chunks.patterns.t()).flatten(-2)[..., :bits]
+    return sums, counts[..., 0, :].sum(-1)
 
 
 def _update(
-    codes: Tensor, slots: Tensor, assignment: Tensor, similarity: Tensor, mask: Tensor,
+    codes: Tensor, chunks: Chunks, assignment: Tensor, similarity: Tensor, mask: Tensor,
     num_clusters: int,
 ) -> Tensor:
     batch, heads, length, bits = codes.shape
-    sums, sizes = _vote(slots, assignment, num_clusters, bits)
+    sums, sizes = _vote(chunks, assignment, num_clusters, bits)
     # A tied vote gives -1 (bit 0), as in the reference.
     voted = torch.where(sums > 0, 1.0, -1.0).to(codes.dtype)
 

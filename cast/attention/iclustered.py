@@ -31,11 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import require_positive
-from cast.attention.cluster_blocks import block_layout
+from cast.attention.cluster_blocks import block_layout, block_size
 from cast.attention.clustered import ClusteredAttention
-
-
-BLOCK = 16  # queries per block of the cluster-sorted layout (cluster_blocks)
 
 
 class ImprovedClusteredAttention(ClusteredAttention):
@@ -66,18 +63,10 @@ class ImprovedClusteredAttention(ClusteredAttention):
         top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
         rest = F.dropout(weights.scatter(-1, top, 0.0), self.dropout, self.training) @ v
 
-        layout = block_layout(assignment, self.num_clusters, BLOCK)
-        own_top = layout.per_block(top)
-        keys, values = gather_rows(k, own_top), gather_rows(v, own_top)
+        layout = block_layout(assignment, self.num_clusters, block_size(q.shape[-2], self.num_clusters))
+        keys, values = layout.keys(k, top), layout.keys(v, top)
         scores = layout.to_blocks(q) @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~layout.per_block(top_valid).unsqueeze(-2), torch.finfo(scores.dtype).min)
         exact = torch.softmax(scores, dim=-1) * layout.per_block(top_mass).unsqueeze(-1)
         exact = F.dropout(exact, self.dropout, self.training)
         return layout.from_blocks(exact @ values + layout.per_block(rest).unsqueeze(-2))
-
-
-def gather_rows(t: Tensor, index: Tensor) -> Tensor:
-    """Rows of t (B, h, N, d) at index (B, h, M, k): (B, h, M, k, d)."""
-    b, h, m, k = index.shape
-    flat = index.reshape(b, h, m * k, 1).expand(-1, -1, -1, t.shape[-1])
-    return t.gather(2, flat).view(b, h, m, k, t.shape[-1])
