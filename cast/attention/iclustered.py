@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import require_positive
+from cast.attention.base import key_padding_bias, require_positive
 from cast.attention.cluster_blocks import block_layout, block_size
 from cast.attention.clustered import ClusteredAttention
 
@@ -56,8 +56,10 @@ class ImprovedClusteredAttention(ClusteredAttention):
         return max(self.num_clusters, self.topk)
 
     def mix(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, assignment: Tensor, weights: Tensor
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, assignment: Tensor, centroids: Tensor
     ) -> Tensor:
+        scores = centroids @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        weights = torch.softmax(scores + key_padding_bias(mask, scores.dtype), dim=-1)
         top = weights.topk(self.topk, dim=-1).indices
         top_valid = mask[:, None, None, :].expand_as(weights).gather(-1, top)
         top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
