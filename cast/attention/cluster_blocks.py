@@ -32,13 +32,14 @@ def take_rows(t: Tensor, index: Tensor) -> Tensor:
 
 
 def block_size(length: int, num_clusters: int) -> int:
-    """Slots per block: about half the mean cluster size, a power of two in [16, 128].
+    """Slots per block: about half the mean cluster size, a power of two in [32, 128].
 
-    Larger blocks mean fewer gathered key blocks (M·k rows) and larger products; the price is
-    the padding of each cluster to whole blocks, about C·T/2 slots, a quarter of N here.
+    Larger blocks mean fewer gathered key blocks (M·k rows, at most N·k / T + C·k) and larger
+    products; the price is the padding of each cluster to whole blocks, about C·T/2 slots. From
+    32 up (the default topk) the gathered key blocks hold no more rows than the queries.
     """
     half_mean = max(length // (2 * num_clusters), 1)
-    return min(max(1 << (half_mean.bit_length() - 1), 16), 128)
+    return min(max(1 << (half_mean.bit_length() - 1), 32), 128)
 
 
 @dataclass
@@ -69,12 +70,6 @@ class BlockLayout:
     def per_block(self, t: Tensor) -> Tensor:
         """Each block's row of its cluster: t (B, h, C, ...) -> (B, h, M, ...)."""
         return take_rows(t.flatten(3), self.block_cluster).view(*self.block_cluster.shape, *t.shape[3:])
-
-    def keys(self, t: Tensor, top: Tensor) -> Tensor:
-        """Rows of t (B, h, N, d) at each block's cluster's ``top`` (B, h, C, k): (B, h, M, k, d)."""
-        b, h, _, d = t.shape
-        own = self.per_block(top)
-        return take_rows(t, own.flatten(2)).view(*own.shape, d)
 
 
 @torch.no_grad()

@@ -84,6 +84,9 @@ class Chunks:
         weights = (bit[:, None] // width == torch.arange(nchunks, device=device)) * 2.0 ** (bit % width)[:, None]
         offsets = float(self.values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
         self.slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2).long().view(*codes.shape[:3], nchunks)
+        # The same rows in the tables of all (batch, head) pairs stacked, for the bag sums.
+        groups = torch.arange(codes.shape[0] * codes.shape[1], device=device).view(*codes.shape[:2], 1, 1)
+        self.rows = (self.slots + groups * (nchunks * self.values)).view(-1, nchunks)
         values = torch.arange(self.values, device=device)
         self.patterns = ((values[:, None] >> torch.arange(width, device=device)) & 1).float() * 2 - 1
 
@@ -109,9 +112,7 @@ def assign(chunks: Chunks, centroids: Tensor, valid: Tensor) -> tuple[Tensor, Te
     clusters = centroids.shape[-2]
     table = chunks.table(centroids, scale=clusters)
     table[:, :, 0] += torch.arange(clusters - 1, -1, -1, device=table.device, dtype=table.dtype)
-    groups = torch.arange(batch * heads, device=table.device).view(batch, heads, 1, 1)
-    rows = (chunks.slots + groups * (nchunks * chunks.values)).view(-1, nchunks)
-    tagged = F.embedding_bag(rows, table.view(-1, clusters), mode="sum")
+    tagged = F.embedding_bag(chunks.rows, table.view(-1, clusters), mode="sum")
     best = tagged.amax(-1).long().view(batch, heads, length)
     assignment = clusters - 1 - best.remainder(clusters)
     similarity = best.div(clusters, rounding_mode="floor")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import key_padding_bias, require_positive
-from cast.attention.cluster_blocks import block_layout, block_size
+from cast.attention.cluster_blocks import block_layout, block_size, take_rows
 from cast.attention.clustered import ClusteredAttention
 
 
@@ -58,17 +58,32 @@ class ImprovedClusteredAttention(ClusteredAttention):
     def mix(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, assignment: Tensor, centroids: Tensor
     ) -> Tensor:
-        scores = centroids @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        weights = torch.softmax(scores + key_padding_bias(mask, scores.dtype), dim=-1)
+        scale = 1 / math.sqrt(q.shape[-1])
+        # In place on the product's own output: its backward does not need it.
+        scores = ((centroids * scale) @ k.transpose(-1, -2)).add_(key_padding_bias(mask, q.dtype))
+        weights = torch.softmax(scores, dim=-1)
         top = weights.topk(self.topk, dim=-1).indices
         top_valid = mask[:, None, None, :].expand_as(weights).gather(-1, top)
         top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
-        rest = F.dropout(weights.scatter(-1, top, 0.0), self.dropout, self.training) @ v
+        # Centroid output without the top-k columns, as all columns minus the top ones: no
+        # (C, N) copy with the top columns zeroed.
+        dropped = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
+        top_values = take_rows(v, top.flatten(2)).view(*top.shape, -1)
+        rest = dropped @ v - (dropped.gather(-1, top).unsqueeze(-2) @ top_values).squeeze(-2)
 
         layout = block_layout(assignment, self.num_clusters, block_size(q.shape[-2], self.num_clusters))
-        keys, values = layout.keys(k, top), layout.keys(v, top)
-        scores = layout.to_blocks(q) @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~layout.per_block(top_valid).unsqueeze(-2), torch.finfo(scores.dtype).min)
-        exact = torch.softmax(scores, dim=-1) * layout.per_block(top_mass).unsqueeze(-1)
-        exact = F.dropout(exact, self.dropout, self.training)
-        return layout.from_blocks(exact @ values + layout.per_block(rest).unsqueeze(-2))
+        d = q.shape[-1]
+        # Each cluster's top keys and m̂-scaled values, then one copy per block of its cluster's.
+        keys = layout.per_block(take_rows(k, top.flatten(2)).view(*top.shape, d))
+        values = layout.per_block(top_values * top_mass.unsqueeze(-1))
+        silenced = torch.zeros_like(top_valid, dtype=q.dtype).masked_fill_(~top_valid, torch.finfo(q.dtype).min)
+        scores = torch.baddbmm(
+            layout.per_block(silenced).view(-1, 1, self.topk),
+            layout.to_blocks(q * scale).view(-1, layout.block, d),
+            keys.view(-1, self.topk, d).transpose(-1, -2),
+        )
+        exact = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout:
+            exact = F.dropout(exact, self.dropout)
+        rows = torch.baddbmm(layout.per_block(rest).view(-1, 1, d), exact, values.view(-1, self.topk, d))
+        return layout.from_blocks(rows.view(*layout.block_cluster.shape, layout.block, d))
