@@ -13,8 +13,13 @@ unsorted top-k, so padded keys can leak into, and valid keys drop out of, other 
 With ``topk`` at least the valid length every valid key is a top key, m̂ = 1 and the result is
 exact softmax attention, whatever the clustering.
 
-Cost per head: O(N·C·d) centroid attention, O(N·k·d) time and memory for the top-k part (keys and
-values are gathered per query), plus the clustering; never N x N.
+The members of a cluster share its top keys, so the queries are laid out cluster by cluster in
+blocks (:mod:`cast.attention.cluster_blocks`) and each block multiplies its cluster's (k, d)
+keys once: no (N, k, d) tensor of keys gathered per query, as the reference's kernels avoid it.
+
+Cost per head: O(N·C·d) centroid attention, O(N·k·d) time and O(N·(k + d)) memory for the top-k
+part (the block padding adds about C·T/2 slots, T the block size), plus the clustering; never
+N x N.
 
 Exact fallback: sequences of length N ≤ max(num_clusters, topk) get exact softmax attention,
 which is then no more expensive (and, for N ≤ topk, is what this mechanism computes anyway).
