@@ -8,15 +8,16 @@ similarity <x, c>. Everything here is index bookkeeping without gradient.
 The reference implementation does this with popcounts in C++. PyTorch has no popcount, and
 emulating one with shifts and masks on (N, C) int64 tensors is slower than the plain ±1 float
 matmul (measured 290-980 ms against 35 ms per assignment at N = 16K on one core). What is fast is
-a byte table: split each code into bytes; for every centroid c, byte position j and byte value v,
-tabulate the similarity of v with c's j-th byte (a (bytes, 256, C) table, a few hundred KiB);
-a query's similarity to every centroid is then the sum of its bytes' rows, which
-``F.embedding_bag`` computes in one pass (8 row additions per query instead of a K = 63
-matmul: 3-4x faster than the matmul). The majority-vote update is the transpose: count, per
-cluster, the members of each byte value at each position (one ``index_add_`` of ones), then the
-per-bit sums are those counts times the bits of the byte values.
+a chunk table: cut each code into chunks of w bits (bytes from 4K queries up, nibbles below, see
+``WIDE_FROM``); for every centroid c, chunk position j and chunk value v, tabulate the similarity
+of v with c's j-th chunk (a (J, 2^w, C) table, a few hundred KiB at most); a query's similarity
+to every centroid is then the sum of its chunks' rows, which ``F.embedding_bag`` computes in one
+pass (8 row additions per query instead of a K = 63 matmul: 3-4x faster than the matmul). The
+majority-vote update is the transpose: count, per cluster, the members of each chunk value at
+each position (one ``scatter_add_`` of ones), then the per-bit sums are those counts times the
+bits of the chunk values. Assignments and centroids are exactly those of the ±1 matmul form.
 
-Shapes: B batch, h heads, N length, b bits, C clusters, G = B·h, J = ceil(b / 8) bytes.
+Shapes: B batch, h heads, N length, b bits, C clusters, G = B·h, J = ceil(b / w) chunks.
 """
 
 from __future__ import annotations
