@@ -70,10 +70,9 @@ class ClusteredAttention(Attention):
         return self.num_clusters
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        drop = self.dropout if self.training else 0.0
-        key_mask = mask[:, None, None, :]
         if q.shape[-2] <= self.exact_up_to:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=drop)
+            drop = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], dropout_p=drop)
         assignment = self.cluster(q, mask)
         centroids = centroid_means(q, assignment, self.num_clusters)
         return self.mix(q, k, v, mask, assignment, centroids)
@@ -84,7 +83,8 @@ class ClusteredAttention(Attention):
         """Outputs (B, h, N, d) from the centroids (B, h, C, d): each query takes its centroid's
         exact attention output (torch's fused kernel: the (C, N) weights are never stored)."""
         drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=mask[:, None, None, :], dropout_p=drop)
+        key_mask = mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=key_mask, dropout_p=drop)
         return per_query(out, assignment)
 
     @torch.no_grad()

@@ -82,9 +82,11 @@ class Chunks:
         # value of chunk j = sum over its bits t of 2^t (x + 1) / 2: one matmul of the ±1 codes.
         bit = torch.arange(bits, device=device)
         nchunks = -(-bits // width)
-        weights = (bit[:, None] // width == torch.arange(nchunks, device=device)) * 2.0 ** (bit % width)[:, None]
+        in_chunk = bit[:, None] // width == torch.arange(nchunks, device=device)
+        weights = in_chunk * 2.0 ** (bit % width)[:, None]
         offsets = float(self.values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
-        self.slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2).long().view(*codes.shape[:3], nchunks)
+        values = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2)
+        self.slots = values.long().view(*codes.shape[:3], nchunks)
         # The same rows in the tables of all (batch, head) pairs stacked, for the bag sums.
         groups = torch.arange(codes.shape[0] * codes.shape[1], device=device).view(*codes.shape[:2], 1, 1)
         self.rows = (self.slots + groups * (nchunks * self.values)).view(-1, nchunks)

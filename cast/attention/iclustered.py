@@ -81,7 +81,8 @@ class ImprovedClusteredAttention(ClusteredAttention):
         # Each cluster's top keys and m̂-scaled values, then one copy per block of its cluster's.
         keys = layout.per_block(take_rows(k, top.flatten(2)).view(*top.shape, d))
         values = layout.per_block(top_values * top_mass.unsqueeze(-1))
-        silenced = torch.zeros_like(top_valid, dtype=q.dtype).masked_fill_(~top_valid, torch.finfo(q.dtype).min)
+        silenced = torch.zeros_like(top_valid, dtype=q.dtype)
+        silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
         scores = torch.baddbmm(
             layout.per_block(silenced).view(-1, 1, self.topk),
             layout.to_blocks(q * scale).view(-1, layout.block, d),

@@ -64,7 +64,8 @@ def lloyd_reference(codes, mask, num_clusters, iterations):
                     break
                 distance = (bits - similarity.gather(1, own[:, None])[:, 0]).tolist()
                 farthest = sorted(range(len(valid)), key=lambda i: (-distance[i], i))
-                voted = torch.stack([torch.where(x[own == c].sum(0) > 0, 1.0, -1.0) for c in range(num_clusters)])
+                votes = [x[own == c].sum(0) for c in range(num_clusters)]
+                voted = torch.where(torch.stack(votes) > 0, 1.0, -1.0)
                 empty = [c for c in range(num_clusters) if not (own == c).any()]
                 for rank, c in enumerate(empty[: len(valid)]):
                     voted[c] = x[farthest[rank]]

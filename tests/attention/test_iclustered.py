@@ -88,7 +88,9 @@ def values_and_gradients(module, x, mask):
 
 
 @pytest.mark.parametrize("clustering", ["kmeans", "random"])
-@pytest.mark.parametrize("n,clusters,topk,valid", [(64, 4, 8, (64, 30)), (200, 8, 16, (150, 200)), (96, 6, 40, (96, 20))])
+@pytest.mark.parametrize(
+    "n,clusters,topk,valid", [(64, 4, 8, (64, 30)), (200, 8, 16, (150, 200)), (96, 6, 40, (96, 20))]
+)
 def test_shared_blocks_equal_the_per_query_gather(monkeypatch, clustering, n, clusters, topk, valid):
     module = make(num_clusters=clusters, topk=topk)
     if clustering == "random":
