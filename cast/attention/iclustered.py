@@ -13,8 +13,13 @@ unsorted top-k, so padded keys can leak into, and valid keys drop out of, other 
 With ``topk`` at least the valid length every valid key is a top key, m̂ = 1 and the result is
 exact softmax attention, whatever the clustering.
 
-Cost per head: O(N·C·d) centroid attention, O(N·k·d) time and memory for the top-k part (keys and
-values are gathered per query), plus the clustering; never N x N.
+The members of a cluster share its top keys, so the queries are laid out cluster by cluster in
+blocks (:mod:`cast.attention.cluster_blocks`) and each block multiplies its cluster's (k, d)
+keys once: no (N, k, d) tensor of keys gathered per query, as the reference's kernels avoid it.
+
+Cost per head: O(N·C·d) centroid attention, O(N·k·d) time and O(N·(k + d)) memory for the top-k
+part (the block padding adds about C·T/2 slots, T the block size), plus the clustering; never
+N x N.
 
 Exact fallback: sequences of length N ≤ max(num_clusters, topk) get exact softmax attention,
 which is then no more expensive (and, for N ≤ topk, is what this mechanism computes anyway).
@@ -30,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import require_positive
-from cast.attention.clustered import ClusteredAttention, per_query
+from cast.attention.base import key_padding_bias, require_positive
+from cast.attention.cluster_blocks import block_layout, block_size, take_rows
+from cast.attention.clustered import ClusteredAttention
 
 
 class ImprovedClusteredAttention(ClusteredAttention):
@@ -55,24 +61,35 @@ class ImprovedClusteredAttention(ClusteredAttention):
         return max(self.num_clusters, self.topk)
 
     def mix(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, assignment: Tensor, weights: Tensor
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, assignment: Tensor, centroids: Tensor
     ) -> Tensor:
+        scale = 1 / math.sqrt(q.shape[-1])
+        # In place on the product's own output: its backward does not need it.
+        scores = ((centroids * scale) @ k.transpose(-1, -2)).add_(key_padding_bias(mask, q.dtype))
+        weights = torch.softmax(scores, dim=-1)
         top = weights.topk(self.topk, dim=-1).indices
         top_valid = mask[:, None, None, :].expand_as(weights).gather(-1, top)
         top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
-        rest = F.dropout(weights.scatter(-1, top, 0.0), self.dropout, self.training) @ v
+        # Centroid output without the top-k columns, as all columns minus the top ones: no
+        # (C, N) copy with the top columns zeroed.
+        dropped = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
+        top_values = take_rows(v, top.flatten(2)).view(*top.shape, -1)
+        rest = dropped @ v - (dropped.gather(-1, top).unsqueeze(-2) @ top_values).squeeze(-2)
 
-        own_top = per_query(top, assignment)
-        keys, values = gather_rows(k, own_top), gather_rows(v, own_top)
-        scores = torch.einsum("bhnd,bhnkd->bhnk", q, keys) / math.sqrt(q.shape[-1])
-        scores = scores.masked_fill(~per_query(top_valid, assignment), torch.finfo(scores.dtype).min)
-        exact = torch.softmax(scores, dim=-1) * per_query(top_mass, assignment)
-        exact = F.dropout(exact, self.dropout, self.training)
-        return per_query(rest, assignment) + torch.einsum("bhnk,bhnkd->bhnd", exact, values)
-
-
-def gather_rows(t: Tensor, index: Tensor) -> Tensor:
-    """Rows of t (B, h, N, d) at index (B, h, M, k): (B, h, M, k, d)."""
-    b, h, m, k = index.shape
-    flat = index.reshape(b, h, m * k, 1).expand(-1, -1, -1, t.shape[-1])
-    return t.gather(2, flat).view(b, h, m, k, t.shape[-1])
+        layout = block_layout(assignment, self.num_clusters, block_size(q.shape[-2], self.num_clusters))
+        d = q.shape[-1]
+        # Each cluster's top keys and m̂-scaled values, then one copy per block of its cluster's.
+        keys = layout.per_block(take_rows(k, top.flatten(2)).view(*top.shape, d))
+        values = layout.per_block(top_values * top_mass.unsqueeze(-1))
+        silenced = torch.zeros_like(top_valid, dtype=q.dtype)
+        silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
+        scores = torch.baddbmm(
+            layout.per_block(silenced).view(-1, 1, self.topk),
+            layout.to_blocks(q * scale).view(-1, layout.block, d),
+            keys.view(-1, self.topk, d).transpose(-1, -2),
+        )
+        exact = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout:
+            exact = F.dropout(exact, self.dropout)
+        rows = torch.baddbmm(layout.per_block(rest).view(-1, 1, d), exact, values.view(-1, self.topk, d))
+        return layout.from_blocks(rows.view(*layout.block_cluster.shape, layout.block, d))

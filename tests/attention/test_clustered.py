@@ -13,7 +13,8 @@ import torch
 
 from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
-from cast.attention.hamming import hamming_kmeans, hash_codes
+from cast.attention import hamming
+from cast.attention.hamming import Chunks, assign, hamming_kmeans, hash_codes
 from cast.attention.vanilla import VanillaAttention
 from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
 
@@ -38,6 +39,64 @@ def test_assignment_is_the_nearest_centroid_in_hamming_distance():
     assert (own[valid] == hamming.min(-1).values[valid]).all()
     assert (assignment[~valid] == -1).all(), "padded queries must join no cluster"
     assert set(centroids.unique().tolist()) == {-1.0, 1.0}
+
+
+def random_codes(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, shape, generator=g).float() * 2 - 1
+
+
+def lloyd_reference(codes, mask, num_clusters, iterations):
+    """The ±1 float form, one (batch, head) at a time: assignment by a matmul and the first
+    argmax, update by the sign of the members' sum, empty clusters re-seeded farthest first."""
+    batch, heads, length, bits = codes.shape
+    assignment = torch.full((batch, heads, length), -1)
+    centroids = torch.empty(batch, heads, num_clusters, bits)
+    for b in range(batch):
+        valid = torch.nonzero(mask[b])[:, 0]
+        for h in range(heads):
+            x = codes[b, h, valid]
+            centroid = x[torch.arange(num_clusters) * len(valid) // num_clusters]
+            for step in range(iterations):
+                similarity = x @ centroid.T
+                own = similarity.argmax(-1)
+                if step == iterations - 1:
+                    break
+                distance = (bits - similarity.gather(1, own[:, None])[:, 0]).tolist()
+                farthest = sorted(range(len(valid)), key=lambda i: (-distance[i], i))
+                votes = [x[own == c].sum(0) for c in range(num_clusters)]
+                voted = torch.where(torch.stack(votes) > 0, 1.0, -1.0)
+                empty = [c for c in range(num_clusters) if not (own == c).any()]
+                for rank, c in enumerate(empty[: len(valid)]):
+                    voted[c] = x[farthest[rank]]
+                centroid = voted
+            assignment[b, h, valid], centroids[b, h] = own, centroid
+    return assignment, centroids
+
+
+@pytest.mark.parametrize("width", [4, 8])
+@pytest.mark.parametrize("bits", [13, 63])
+def test_table_assignment_equals_the_float_matmul_form(width, bits):
+    codes = random_codes((2, 3, 50, bits), seed=bits)
+    # Centroids copied from codes make exact ties with other codes likely at 13 bits.
+    centroids = torch.cat([codes[:, :, :6], random_codes((2, 3, 3, bits), seed=1)], dim=2)
+    valid = torch.ones(2, 3, 50, dtype=torch.bool)
+    assignment, similarity = assign(Chunks(codes, width), centroids, valid)
+    expected = codes @ centroids.transpose(-1, -2)
+    assert torch.equal(assignment, expected.argmax(-1)), "nearest centroid, the first one on ties"
+    assert torch.equal(similarity.float(), expected.amax(-1))
+
+
+@pytest.mark.parametrize("wide_from", [0, 10**9], ids=["bytes", "nibbles"])
+@pytest.mark.parametrize("bits,clusters,valid", [(63, 5, (40, 23)), (13, 8, (40, 5)), (20, 30, (40, 40))])
+def test_kmeans_equals_the_float_matmul_lloyd(monkeypatch, wide_from, bits, clusters, valid):
+    monkeypatch.setattr(hamming, "WIDE_FROM", wide_from)
+    codes = random_codes((2, 2, 40, bits), seed=clusters)
+    mask = torch.arange(40)[None, :] < torch.tensor(valid)[:, None]
+    assignment, centroids = hamming_kmeans(codes, mask, clusters, iterations=6)
+    expected_assignment, expected_centroids = lloyd_reference(codes, mask, clusters, iterations=6)
+    assert torch.equal(assignment, expected_assignment)
+    assert torch.equal(centroids, expected_centroids)
 
 
 def test_kmeans_recovers_well_separated_groups_even_from_a_bad_start():

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cast.attention import clustered as clustered_module
-from cast.attention.clustered import ClusteredAttention
+from cast.attention.base import key_padding_bias
+from cast.attention.cluster_blocks import block_layout, block_size
+from cast.attention.clustered import ClusteredAttention, per_query
 from cast.attention.iclustered import ImprovedClusteredAttention
 from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
 from tests.attention.test_clustered import refuse_to_cluster
@@ -60,6 +62,63 @@ def test_equals_a_slow_per_query_reference():
     torch.testing.assert_close(module(x, mask), module.output(expected, mask), rtol=1e-5, atol=1e-5)
 
 
+def per_query_gather_mix(self, q, k, v, mask, assignment, centroids):
+    """The former form: every query gathers its cluster's top-k keys and values, (B, h, N, k, d)."""
+    scale = 1 / math.sqrt(q.shape[-1])
+    weights = torch.softmax(centroids @ k.transpose(-1, -2) * scale + key_padding_bias(mask, q.dtype), -1)
+    top = weights.topk(self.topk, dim=-1).indices
+    top_valid = mask[:, None, None, :].expand_as(weights).gather(-1, top)
+    top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
+    rest = weights.scatter(-1, top, 0.0) @ v
+    own_top = per_query(top, assignment)
+    b, h, n, kk = own_top.shape
+    index = own_top.reshape(b, h, n * kk, 1).expand(-1, -1, -1, q.shape[-1])
+    keys, values = (t.gather(2, index).view(b, h, n, kk, -1) for t in (k, v))
+    scores = torch.einsum("bhnd,bhnkd->bhnk", q, keys) * scale
+    scores = scores.masked_fill(~per_query(top_valid, assignment), torch.finfo(q.dtype).min)
+    exact = torch.softmax(scores, dim=-1) * per_query(top_mass, assignment)
+    return per_query(rest, assignment) + torch.einsum("bhnk,bhnkd->bhnd", exact, values)
+
+
+def values_and_gradients(module, x, mask):
+    x = x.clone().requires_grad_(True)
+    y = module(x, mask)
+    grads = torch.autograd.grad(y.square().sum(), [x, *module.parameters()])
+    return y, grads
+
+
+@pytest.mark.parametrize("clustering", ["kmeans", "random"])
+@pytest.mark.parametrize(
+    "n,clusters,topk,valid", [(64, 4, 8, (64, 30)), (200, 8, 16, (150, 200)), (96, 6, 40, (96, 20))]
+)
+def test_shared_blocks_equal_the_per_query_gather(monkeypatch, clustering, n, clusters, topk, valid):
+    module = make(num_clusters=clusters, topk=topk)
+    if clustering == "random":
+        module.cluster = random_clustering(clusters, seed=n)
+    x, mask = random_batch(n=n, d_model=32, valid=valid)
+    y, grads = values_and_gradients(module, x, mask)
+    monkeypatch.setattr(ImprovedClusteredAttention, "mix", per_query_gather_mix)
+    expected_y, expected_grads = values_and_gradients(module, x, mask)
+    torch.testing.assert_close(y, expected_y, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,clusters", [(40, 3), (300, 5), (1000, 4)])
+def test_block_layout_puts_each_query_in_a_block_of_its_own_cluster(length, clusters):
+    g = torch.Generator().manual_seed(length)
+    assignment = torch.randint(-1, clusters, (2, 3, length), generator=g)
+    layout = block_layout(assignment, clusters, block_size(length, clusters))
+    slot = layout.slot
+    assert all(row.unique().numel() == length for row in slot.view(-1, length)), "one slot per query"
+    assert torch.equal(layout.query.gather(2, slot), torch.arange(length).expand_as(slot))
+    owner = layout.block_cluster.gather(2, slot // layout.block)
+    assert torch.equal(owner, assignment.clamp(min=0))
+    sizes = torch.stack([(assignment.clamp(min=0) == c).sum(-1) for c in range(clusters)], -1)
+    needed = ((sizes + layout.block - 1) // layout.block).sum(-1).max()
+    assert layout.blocks == needed, "no more blocks than the fullest (batch, head) needs"
+
+
 def test_more_accurate_than_plain_clustering_with_the_same_clusters():
     improved = make(num_clusters=4, topk=8)
     plain = ClusteredAttention(32, 4, num_clusters=4).eval()
@@ -99,6 +158,13 @@ def test_bf16_autocast_and_gradients_are_finite():
 def test_never_builds_an_n_by_n_tensor():
     n = 256
     assert largest_tensor(ImprovedClusteredAttention(8, 2, num_clusters=8, topk=8), n=n) < n * n
+
+
+def test_never_gathers_the_top_keys_once_per_query():
+    n, heads, d, k = 1024, 2, 16, 32
+    per_query_keys = heads * n * k * d
+    module = ImprovedClusteredAttention(heads * d, heads, num_clusters=8, topk=k)
+    assert largest_tensor(module, n=n) < per_query_keys / 4
 
 
 def test_trains_with_adam():
