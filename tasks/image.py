@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from cast.options import option_error, require_choice
 from tasks.base import DataFormatError, LRADataModule
 from tasks.sources import SOURCES, check_labels, hub_columns, hub_split_files, tfds_files, tfds_pairs
 
@@ -70,10 +71,10 @@ class ImageDataModule(LRADataModule):
     def __init__(self, data_dir: str, max_length: int = SIDE * SIDE, source: str = "hf",
                  pixel0_is_padding: bool = False, **kw):
         super().__init__(data_dir, max_length, **kw)
-        if source not in SOURCES:
-            raise ValueError(f"task.source={source!r} is not one of {SOURCES}")
+        require_choice("task", self.name, "source", source, SOURCES)
         if not 1 <= max_length <= SIDE * SIDE:
-            raise ValueError(f"task.max_length={max_length}: CIFAR-10 images have {SIDE * SIDE} pixels; use at most that")
+            raise option_error("task", self.name, "max_length", max_length,
+                               f"at most {SIDE * SIDE}, the pixels of a CIFAR-10 image")
         self.source = source
         self.pixel0_is_padding = pixel0_is_padding
 

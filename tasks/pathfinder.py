@@ -31,6 +31,7 @@ from rich.progress import MofNCompleteColumn, Progress
 from torch import Tensor
 
 from tasks import pathfinder_generator as generator
+from cast.options import option_error, require_choice
 from tasks.base import DataFormatError, LRADataModule
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,10 @@ class PathfinderDataModule(LRADataModule):
         **kw,
     ):
         super().__init__(data_dir, max_length, **kw)
-        if difficulty not in generator.DIFFICULTIES:
-            raise ValueError(f"task.difficulty={difficulty!r}: choose one of {list(generator.DIFFICULTIES)}")
+        require_choice("task", self.name, "difficulty", difficulty, tuple(generator.DIFFICULTIES))
         if max_length != resolution**2:
-            raise ValueError(f"task.max_length={max_length} but task.resolution={resolution} images have "
-                             f"{resolution ** 2} pixels; set task.max_length={resolution ** 2}")
+            raise option_error("task", self.name, "max_length", max_length,
+                               f"{resolution ** 2}, the pixels of task.resolution={resolution} images")
         self.resolution, self.difficulty = resolution, difficulty
         self.pixel0_is_padding, self.split_seed = pixel0_is_padding, split_seed
         self.generate, self.generate_count, self.generate_seed = generate, generate_count, generate_seed

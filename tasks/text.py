@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cast.options import option_error, require_choice
 from tasks.base import DataFormatError, LRADataModule, byte_ids
 from tasks.sources import SOURCES, check_labels, hub_columns, hub_split_files, tfds_files, tfds_pairs
 
@@ -47,10 +48,9 @@ class TextDataModule(LRADataModule):
 
     def __init__(self, data_dir: str, max_length: int = 4000, source: str = "hf", val_split: str | float = "test", **kw):
         super().__init__(data_dir, max_length, **kw)
-        if source not in SOURCES:
-            raise ValueError(f"task.source={source!r} is not one of {SOURCES}")
+        require_choice("task", self.name, "source", source, SOURCES)
         if val_split != "test" and not (isinstance(val_split, float) and 0 < val_split < 1):
-            raise ValueError(f"task.val_split={val_split!r}: use 'test' (LRA) or a fraction of train in (0, 1)")
+            raise option_error("task", self.name, "val_split", val_split, "'test' (LRA) or a fraction of train in (0, 1)")
         self.source = source
         self.val_split = val_split
 

@@ -168,3 +168,10 @@ def test_an_option_error_comes_before_lightning_wandb_datasets_or_data(tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert done.stdout.split("\n")[-3:-1] == ["exit 1", "heavy []"], done.stdout + done.stderr[-3000:]
     assert "clustering='bogus' must be one of ('topk', 'sa_topk')" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_task_option_error_prints_one_block_without_a_traceback(listops_dir, tmp_path):
+    bad = train_py(listops_dir, "attention=vanilla", "task=pathfinder", "task.difficulty=medium")
+    done = subprocess.run(bad, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "difficulty='medium' must be one of" in done.stderr and "configs/task/pathfinder.yaml" in done.stderr

@@ -42,7 +42,7 @@ def share_sweep_dir_with_ddp_ranks() -> None:
 
 # Errors a user fixes in the data or on the command line: (module, class names). Looked up only
 # in modules already imported, so that reporting them imports nothing heavy.
-USER_ERRORS = (("tasks.base", ("DataNotFoundError", "DataFormatError")), ("cast.attention.base", ("OptionError",)),
+USER_ERRORS = (("tasks.base", ("DataNotFoundError", "DataFormatError")), ("cast.options", ("OptionError",)),
                ("cast.app.run", ("CheckpointMismatchError",)))
 
 

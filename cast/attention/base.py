@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cast import options
+from cast.options import OptionError
+
 
 class Attention(nn.Module):
     """Multi-head attention skeleton: projections in, head merge and output projection out.
@@ -147,30 +150,17 @@ def check_inputs(x: Tensor, mask: Tensor) -> None:
         raise TypeError(f"attention mask must be bool (True on real tokens), got {mask.dtype}")
 
 
-class OptionError(ValueError):
-    """A mechanism option with a bad value; train.py prints it without a traceback."""
-
-
+# The mechanisms' option checks: cast.options' with the group "attention".
 def option_error(mechanism: str, field: str, value, expected: str) -> OptionError:
-    """A bad option value, naming the config file and the field to fix."""
-    return OptionError(
-        f"{mechanism} attention: {field}={value!r} must be {expected}; set attention.{field} in "
-        f"configs/attention/{mechanism}.yaml or on the command line"
-    )
+    return options.option_error("attention", mechanism, field, value, expected)
 
 
-def require_positive(mechanism: str, **options: int) -> None:
-    """Refuse any option that is not a positive integer."""
-    for field, value in options.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise option_error(mechanism, field, value, "a positive integer")
+def require_positive(mechanism: str, **values: int) -> None:
+    options.require_positive("attention", mechanism, **values)
 
 
 def require_choice(mechanism: str, field: str, value, choices: tuple):
-    """Refuse a value outside ``choices``; returns the value."""
-    if value not in choices:
-        raise option_error(mechanism, field, value, f"one of {choices}")
-    return value
+    return options.require_choice("attention", mechanism, field, value, choices)
 
 
 def key_padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cast.app import preflight
-from cast.attention.base import OptionError
+from cast.options import OptionError
 from tests.conftest import ROOT, compose_train
 
 

@@ -152,9 +152,9 @@ def test_wrong_resolution_and_length_are_explained(copy, generated):
     Image.new("L", (64, 64)).save(data / FOLDER / "imgs" / "0" / "sample_0.png")
     with pytest.raises(DataFormatError, match=r"sample_0\.png: image is 64x64, expected 32x32"):
         PathfinderDataModule(str(data)).setup()
-    with pytest.raises(ValueError, match=r"task.max_length=64 .* set task.max_length=1024"):
+    with pytest.raises(ValueError, match=r"max_length=64 must be 1024, .* set task.max_length in configs/task/pathfinder.yaml"):
         PathfinderDataModule(str(generated), max_length=64)
-    with pytest.raises(ValueError, match="task.difficulty='medium'"):
+    with pytest.raises(ValueError, match="difficulty=.medium. must be one of"):
         PathfinderDataModule(str(generated), difficulty="medium")
 
 

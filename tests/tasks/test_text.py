@@ -117,9 +117,9 @@ def test_non_string_text_is_a_format_error(tmp_path):
 
 
 def test_bad_options_name_the_field(tmp_path):
-    with pytest.raises(ValueError, match="task.source"):
+    with pytest.raises(ValueError, match="source=.* set task.source in configs/task/text.yaml"):
         TextDataModule(str(tmp_path), source="tensorflow")
-    with pytest.raises(ValueError, match="task.val_split"):
+    with pytest.raises(ValueError, match="set task.val_split in"):
         TextDataModule(str(tmp_path), val_split="dev")
 
 
