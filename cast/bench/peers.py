@@ -15,15 +15,13 @@ with each other (relative Frobenius error). A reference whose package is missing
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,123 +30,11 @@ from torch import Tensor, nn
 from cast.bench.benchmark import (CONFIG_DIR, MMAP_THRESHOLD, RESULT, VANILLA, Shape, Spec, _cap_address_space,
                                   cpu_peak_mb, cuda_peak_mb, failure, load_attention, time_ms)
 from cast.bench.fidelity import shared_qk_attention
+from cast.bench.references import PEERS, Peer, resolve
 
 PEER_LENGTHS = [1024, 4096, 16384]
 COLUMNS = ["mechanism", "reference", "length", "batch", "ours_ms", "ref_ms", "speed_ref_over_ours", "ours_mb",
            "ref_mb", "mem_ref_over_ours", "err_ours", "err_ref", "err_between", "exact", "matched", "status"]
-
-
-@dataclass(frozen=True)
-class Peer:
-    """One pair. ``build`` ("module:function") takes our layer and returns the reference layer as
-    an ``nn.Module`` with ``forward(x, mask)``, our weights copied into it. ``exact`` is what both
-    are compared with: "softmax" or "shared-qk" (keys = normalised queries, no self). ``seeded``:
-    agreement runs both in training mode from the same RNG state (so they draw the same random
-    numbers); otherwise in eval mode."""
-
-    mechanism: str
-    package: str
-    module: str
-    reference: str
-    build: str
-    matched: str
-    exact: str = "softmax"
-    seeded: bool = False
-
-    def installed(self) -> bool:
-        return importlib.util.find_spec(self.module) is not None
-
-
-def resolve(path: str):
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-class Reference(nn.Module):
-    """A reference layer behind our calling convention, ``forward(x, mask) -> y``."""
-
-    def __init__(self, layer: nn.Module, call):
-        super().__init__()
-        self.layer, self.call = layer, call
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        return self.call(self.layer, x, mask)
-
-
-def copy_linear(target: nn.Linear, source: nn.Linear) -> None:
-    with torch.no_grad():
-        target.weight.copy_(source.weight)
-        if target.bias is not None:
-            target.bias.copy_(source.bias)
-
-
-def performer_reference(ours: nn.Module) -> nn.Module:
-    from performer_pytorch import SelfAttention
-
-    d = ours.d_head
-    layer = SelfAttention(dim=ours.d_model, heads=ours.n_heads, dim_head=d, nb_features=ours.num_features,
-                          qkv_bias=True, dropout=0.0)
-    for target, source in [("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj"), ("to_out", "out_proj")]:
-        copy_linear(getattr(layer, target), getattr(ours, source))
-    with torch.no_grad():
-        layer.fast_attention.projection_matrix.copy_(ours.features)
-    return Reference(layer, lambda m, x, mask: m(x, mask=mask))
-
-
-def reformer_reference(ours: nn.Module) -> nn.Module:
-    from reformer_pytorch import LSHSelfAttention
-
-    layer = LSHSelfAttention(dim=ours.d_model, heads=ours.n_heads, dim_head=ours.d_head, bucket_size=ours.bucket_size,
-                             n_hashes=ours.n_hashes, dropout=0.0)
-    with torch.no_grad():  # the reference's projections have no bias: ours lose theirs
-        ours.q_proj.bias.zero_()
-        ours.v_proj.bias.zero_()
-        layer.toqk.weight.copy_(ours.q_proj.weight)
-        layer.tov.weight.copy_(ours.v_proj.weight)
-    copy_linear(layer.to_out, ours.out_proj)
-    return Reference(layer, lambda m, x, mask: m(x, input_mask=mask))
-
-
-def fast_transformers_reference(ours: nn.Module) -> nn.Module:
-    from fast_transformers.attention import AttentionLayer, ClusteredAttention, ImprovedClusteredAttention
-    from fast_transformers.masking import FullMask, LengthMask
-
-    options = dict(clusters=ours.num_clusters, iterations=ours.iterations, bits=ours.planes.shape[1],
-                   hash_bias=True, attention_dropout=0.0)
-    inner = (ImprovedClusteredAttention(topk=ours.topk, **options) if hasattr(ours, "topk")
-             else ClusteredAttention(**options))
-    layer = AttentionLayer(inner, ours.d_model, ours.n_heads)
-    for target, source in [("query_projection", "q_proj"), ("key_projection", "k_proj"),
-                           ("value_projection", "v_proj"), ("out_projection", "out_proj")]:
-        copy_linear(getattr(layer, target), getattr(ours, source))
-
-    def call(m, x, mask):
-        n = x.shape[1]
-        lengths = LengthMask(mask.sum(1), max_len=n, device=x.device)
-        return m(x, x, x, FullMask(n, device=x.device), lengths, lengths) * mask.unsqueeze(-1).to(x.dtype)
-
-    return Reference(layer, call)
-
-
-FAST_TRANSFORMERS = ("same q/k/v/out weights; same clusters, bits (with hash bias), iterations{}; "
-                     "hash planes differ (each draws its own), so outputs agree in distribution")
-PEERS = [
-    Peer("performer", "performer-pytorch", "performer_pytorch", "performer_pytorch.SelfAttention",
-         "cast.bench.peers:performer_reference",
-         "same q/k/v/out weights (qkv_bias=True); our features copied into its projection_matrix; "
-         "num_features -> nb_features; its stabiliser eps 1e-4 (ours 1e-6) and key shift differ"),
-    Peer("reformer", "reformer-pytorch", "reformer_pytorch", "reformer_pytorch.LSHSelfAttention",
-         "cast.bench.peers:reformer_reference",
-         "its toqk/tov/to_out = our q/v/out weights (q/v biases zeroed: it has none); bucket_size, "
-         "n_hashes; same rotations (same RNG draws); it looks back across rounds at each round's first chunk",
-         exact="shared-qk", seeded=True),
-    Peer("clustered", "pytorch-fast-transformers", "fast_transformers",
-         "fast_transformers ClusteredAttention", "cast.bench.peers:fast_transformers_reference",
-         FAST_TRANSFORMERS.format("")),
-    Peer("iclustered", "pytorch-fast-transformers", "fast_transformers",
-         "fast_transformers ImprovedClusteredAttention", "cast.bench.peers:fast_transformers_reference",
-         FAST_TRANSFORMERS.format(", topk")),
-]
 
 
 def build_pair(peer: Peer, shape: Shape, device: str, config_dir: Path = CONFIG_DIR, seed: int = 0):
@@ -201,10 +87,10 @@ def agreement(peer: Peer, ours: nn.Module, ref: nn.Module, x: Tensor, mask: Tens
                 err_between=relative(outputs[0], outputs[1]))
 
 
-def measure_pair(peer: Peer, length: int, args, shape: Shape, memory: dict) -> dict:
-    """One row: interleaved times, peak memory (from ``memory``) and agreement of one pair at one length."""
+def measure_pair(peer: Peer, length: int, args, shape: Shape) -> dict:
+    """One row: agreement and interleaved times of one pair at one length (CUDA: peak memory too)."""
     row = dict(mechanism=peer.mechanism, reference=peer.reference, length=length, batch=shape.batch,
-               exact=peer.exact, matched=peer.matched, status="ok", **memory)
+               exact=peer.exact, matched=peer.matched, status="ok")
     try:
         if not peer.installed():
             raise ModuleNotFoundError(peer.module)
@@ -228,10 +114,13 @@ def measure_pair(peer: Peer, length: int, args, shape: Shape, memory: dict) -> d
         row["status"] = f"skipped: {peer.package} not installed" if exc.args == (peer.module,) else failure(exc)
     except Exception as exc:
         row["status"] = failure(exc)
-    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
-    row["speed_ref_over_ours"] = ratio(row.get("ref_ms"), row.get("ours_ms"))
-    row["mem_ref_over_ours"] = ratio(row.get("ref_mb"), row.get("ours_mb"))
     return row
+
+
+def add_ratios(row: dict) -> None:
+    """The reference's time and memory over ours (None where either is missing)."""
+    for key, a, b in [("speed_ref_over_ours", "ref_ms", "ours_ms"), ("mem_ref_over_ours", "ref_mb", "ours_mb")]:
+        row[key] = row[a] / row[b] if row.get(a) is not None and row.get(b) else None
 
 
 def cpu_memory(peer: Peer, lengths: list[int], shape: Shape, args) -> dict[int, dict]:
@@ -267,9 +156,9 @@ def worker(payload: dict) -> None:
         print(RESULT + json.dumps(result), flush=True)
 
 
-def peer_rows(args, peers: list[Peer] = PEERS) -> list[dict]:
-    """Every (pair, length) of the run; --mechanisms keeps a subset of the pairs."""
-    shape = Shape(args.batch, args.heads, args.head_dim)
+def peer_rows(args, peers: list[Peer] | None = None) -> list[dict]:
+    """Every (pair, length) of the run (default: every pair of PEERS); --mechanisms keeps a subset."""
+    shape, peers = Shape(args.batch, args.heads, args.head_dim), peers or PEERS
     if args.mechanisms:
         keep = set(args.mechanisms.split(","))
         if unknown := keep - {p.mechanism for p in peers}:
@@ -278,13 +167,18 @@ def peer_rows(args, peers: list[Peer] = PEERS) -> list[dict]:
         peers = [p for p in peers if p.mechanism in keep]
     rows = []
     for peer in peers:
-        memory = cpu_memory(peer, args.lengths, shape, args) if args.device == "cpu" and peer.installed() else {}
-        for length in args.lengths:
-            rows.append(measure_pair(peer, length, args, shape, memory.get(length, {})))
-            r = rows[-1]
-            print(f"[peers {length}] {peer.mechanism} vs {peer.reference}: "
+        pair_rows = [measure_pair(peer, length, args, shape) for length in args.lengths]
+        measured = [r["length"] for r in pair_rows if r["status"] == "ok"]
+        if args.device == "cpu" and measured:
+            memory = cpu_memory(peer, measured, shape, args)
+            for r in pair_rows:
+                r.update(memory.get(r["length"], {}))
+        for r in pair_rows:
+            add_ratios(r)
+            print(f"[peers {r['length']}] {peer.mechanism} vs {peer.reference}: "
                   + (f"ref/ours time {r['speed_ref_over_ours']:.2f}" if r["speed_ref_over_ours"] else r["status"]),
                   flush=True)
+        rows += pair_rows
     return rows
 
 
