@@ -252,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
               "for the CPU, so times will be noisy; --threads 1 and more --repeats help", flush=True)
     out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.peers:
-        out.mkdir(parents=True, exist_ok=True)
         try:
             rows = peer_rows(args)
         except ValueError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 2
+        out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "peers.csv", rows, PEER_COLUMNS)
         title = "Mechanisms against their reference implementations (attention layer, forward + backward)"
         lines = [line for line in header(title, args, time.perf_counter() - started) if not line.startswith("- model:")]
