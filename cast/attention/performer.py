@@ -85,38 +85,83 @@ class PerformerAttention(Attention):
             if self.redraw_interval and self.calls > 0 and self.calls % self.redraw_interval == 0:
                 self.redraw()
             self.calls += 1
-        # Each (head, key) enters the numerator with weight 1 (0 when padded or dropped).
-        keep = F.dropout(mask[:, None, :, None].float().expand(*v.shape[:3], 1), self.dropout, self.training)
+        if self.training and self.dropout > 0:
+            # Each (head, key) enters the numerator with weight 1 (0 when dropped); padded keys
+            # have zero features, so without dropout v needs no mask.
+            v = v * F.dropout(mask[:, None, :, None].to(v.dtype).expand(*v.shape[:3], 1), self.dropout)
         with torch.autocast(q.device.type, enabled=False):
-            out = favor(q.float(), k.float(), v.float() * keep, mask, self.features.float())
+            out = favor(q.float(), k.float(), v.float(), mask, self.features.float())
         return out.to(v.dtype)
 
 
 def favor(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, features: Tensor) -> Tensor:
     """Linear attention with positive random features: q, k, v (B, h, N, d), mask (B, N),
     features (m, d) -> (B, h, N, d)."""
-    query_features = torch.exp(exponents(q, features, None)) + STABILISER
-    real = mask[:, None, :, None]
-    key_features = (torch.exp(exponents(k, features, real)) + STABILISER) * real
-    context = key_features.transpose(-1, -2) @ v
-    normaliser = query_features @ key_features.sum(-2).unsqueeze(-1)
-    # φ's 1/√m cancels in the ratio.
-    return query_features @ context / normaliser
+    return _Favor.apply(q, k, v, mask[:, None, :, None], features)
 
 
-def exponents(x: Tensor, features: Tensor, real: Tensor | None) -> Tensor:
-    """Shifted exponents of φ(x / d^¼) for x (B, h, N, d) -> (B, h, N, m), all ≤ 0.
+class _Favor(torch.autograd.Function):
+    """FAVOR+ with a hand-written backward pass, for speed: the (B, h, N, m) features dominate the
+    cost and autograd would save and traverse several of them per input (exponent, shift,
+    exponential, stabiliser, mask). Here each side keeps one tensor, its shifted exponentials E, and
+    every other step is folded into a matmul:
+    - the exponent's −‖x‖²/2 is an extra input column against a column of ones in W, and the same
+      ones give the row sums of the exponent's gradient in the backward pass;
+    - the normaliser is an extra column of ones next to V, so numerator and denominator are one
+      product: R = φ(Q) [φ(K)ᵀ [V 1]], out = R[:d] / R[d];
+    - the stabiliser s is never added to E: φ = E + s (keys: + s on real keys only) enters the
+      products as a rank-one term, Eᵀ[V 1] + s Σ_real [V 1], and E [C] + s Σ_m C.
+    The shifts are constants (detached), as in FAVOR+.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, real, features):
+        d = q.shape[-1]
+        weights = torch.cat([features * d ** -0.25, features.new_ones(features.shape[0], 1)], dim=1)
+        query_exp, key_exp = exponentials(q, weights, None), exponentials(k, weights, real)
+        values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        context = key_exp.transpose(-1, -2) @ values + STABILISER * (values * real).sum(-2, keepdim=True)
+        result = query_exp @ context + STABILISER * context.sum(-2, keepdim=True)
+        ctx.save_for_backward(q, k, real, weights, query_exp, key_exp, values, context, result)
+        # φ's 1/√m cancels in the ratio.
+        return result[..., :d] / result[..., d:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, real, weights, query_exp, key_exp, values, context, result = ctx.saved_tensors
+        d = q.shape[-1]
+        denominator = result[..., d:]
+        out = result[..., :d] / denominator
+        grad_result = torch.cat([grad, -(grad * out).sum(-1, keepdim=True)], dim=-1) / denominator
+        grad_context = query_exp.transpose(-1, -2) @ grad_result + STABILISER * grad_result.sum(-2, keepdim=True)
+        grad_query = exponent_grad(q, (grad_result @ context.transpose(-1, -2)).mul_(query_exp), weights)
+        grad_key = exponent_grad(k, (values @ grad_context.transpose(-1, -2)).mul_(key_exp), weights)
+        grad_values = key_exp @ grad_context + STABILISER * real * grad_context.sum(-2, keepdim=True)
+        return grad_query, grad_key, grad_values[..., :d], None, None
+
+
+def exponentials(x: Tensor, weights: Tensor, real: Tensor | None) -> Tensor:
+    """exp of the shifted exponents of φ(x / d^¼) for x (B, h, N, d) -> (B, h, N, m), all ≤ 1;
+    ``weights`` (m, d + 1) is [W / d^¼, 1].
 
     Queries (``real`` None) are shifted by their own maximum. Keys are shifted by the maximum over
-    the real keys (``real`` (B, 1, N, 1)) and all features of their (batch, head); padded keys get
-    -inf, so padding never sets the shift and its features come out as zero.
+    the real keys (``real`` (B, 1, N, 1)) and all features of their (batch, head); padded keys
+    get the most negative exponent, so padding never sets the shift and its exponentials are zero.
     """
-    x = x / x.shape[-1] ** 0.25
-    exponent = x @ features.transpose(-1, -2) - (x * x).sum(-1, keepdim=True) / 2
-    if real is None:
-        return exponent - exponent.amax(-1, keepdim=True).detach()
-    exponent = exponent.masked_fill(~real, float("-inf"))
-    return exponent - exponent.amax((-2, -1), keepdim=True).detach()
+    square = (x * x).sum(-1, keepdim=True) * (-0.5 * x.shape[-1] ** -0.5)
+    if real is not None:
+        square = square.masked_fill(~real, torch.finfo(x.dtype).min)
+    exponent = torch.cat([x, square], dim=-1) @ weights.transpose(-1, -2)
+    shift = exponent.amax(-1 if real is None else (-2, -1), keepdim=True)
+    return exponent.sub_(shift).exp_()
+
+
+def exponent_grad(x: Tensor, grad_exponent: Tensor, weights: Tensor) -> Tensor:
+    """Gradient for x of the exponent x/d^¼·w − ‖x‖²/(2√d), from the exponent's (B, h, N, m);
+    the ones column of ``weights`` yields the row sums the ‖x‖² term needs."""
+    grad = grad_exponent @ weights
+    d = x.shape[-1]
+    return grad[..., :d] - grad[..., d:] * x * d ** -0.5
 
 
 def orthogonal_gaussian(rows: int, columns: int, device: torch.device | str | None = None) -> Tensor:

@@ -84,9 +84,8 @@ class ReformerAttention(Attention):
         n = q.shape[2]
         extra = -n % self.bucket_size
         q, v, mask = F.pad(q, (0, 0, 0, extra)), F.pad(v, (0, 0, 0, extra)), F.pad(mask, (0, extra))
-        keys = F.normalize(q, dim=-1)
-        order = self.buckets(keys, mask).sort(dim=-1, stable=True).indices
-        out, lse = self.chunked(q, keys, v, mask, order)
+        order = self.buckets(F.normalize(q, dim=-1), mask).sort(dim=-1, stable=True).indices
+        out, lse = self.chunked(q, v, mask, order)
         weights = torch.softmax(lse, dim=2).unsqueeze(-1)
         return (out * weights).sum(2)[:, :, :n].to(v.dtype)
 
@@ -109,33 +108,85 @@ class ReformerAttention(Attention):
             found = torch.cat([rotated, -rotated], dim=-1).argmax(-1)
         return found.masked_fill(~mask[:, None, None, :], n_buckets)
 
-    def chunked(
-        self, q: Tensor, keys: Tensor, v: Tensor, mask: Tensor, order: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def chunked(self, q: Tensor, v: Tensor, mask: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
         """Attention within chunks of the sorted order (B, h, r, N): outputs (B, h, r, N, d) and
-        log-sum-exp (B, h, r, N) of every round, back in the original positions."""
+        log-sum-exp (B, h, r, N) of every round, back in the original positions.
+
+        A query's own key sits on the diagonal of its chunk's first c keys (each round's order
+        is a permutation and a chunk's look-back is another chunk), so the self score is set
+        there; padded keys get their most negative score from an extra key column against a
+        query column of ones. The keys are normalised after the sort (the same values)."""
         c, d = self.bucket_size, q.shape[-1]
-        sorted_q, sorted_k, sorted_v = (chunks(gather_rounds(t, order), c) for t in (q, keys, v))
-        real = mask[:, None, None, :].expand_as(order).gather(-1, order)
-        position_q, real_k = chunks(order, c), look_one_back(chunks(real, c))
-        position_k, sorted_k, sorted_v = (look_one_back(t) for t in (position_q, sorted_k, sorted_v))
-
-        scores = (sorted_q @ sorted_k.transpose(-1, -2)).float() / math.sqrt(d)
-        scores = scores.masked_fill(position_q.unsqueeze(-1) == position_k.unsqueeze(-2), SELF_SCORE)
-        scores = scores.masked_fill(~real_k.unsqueeze(-2), torch.finfo(scores.dtype).min)
-        lse = scores.logsumexp(-1, keepdim=True)
-        weights = F.dropout(torch.exp(scores - lse), self.dropout, self.training)
-        out = weights.to(sorted_v.dtype) @ sorted_v
-
+        b, h, r, n = order.shape
+        # Flat row indices of each round's order and of its inverse, for reordering rows.
         undo = order.argsort(-1)
-        out = out.flatten(3, 4).float().gather(3, undo.unsqueeze(-1).expand(*undo.shape, d))
-        return out, lse.flatten(3, 5).gather(3, undo)
+        offsets = torch.arange(b * h * r, device=order.device).view(b, h, r, 1) * n
+        rows, undo_rows = (order + offsets).flatten(), (undo + offsets).flatten()
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            sorted_q, sorted_v = (permute(t.to(dtype).unsqueeze(2).expand(b, h, r, n, d), rows, undo_rows)
+                                  for t in (q, v))
+            real = mask[:, None, None, :].expand_as(order).gather(-1, order)
+            bias = torch.zeros(real.shape, dtype=dtype, device=q.device).masked_fill_(~real, torch.finfo(dtype).min)
+            sorted_k = look_one_back(chunks(torch.cat([F.normalize(sorted_q, dim=-1), bias.unsqueeze(-1)], -1), c))
+            sorted_q = torch.cat([sorted_q / math.sqrt(d), torch.ones_like(bias).unsqueeze(-1)], -1)
+            drop = self.dropout if self.training else 0.0
+            out, lse = _ChunkAttention.apply(chunks(sorted_q, c), sorted_k, look_one_back(chunks(sorted_v, c)), drop)
+            out = permute(torch.cat([out.flatten(3, 4), lse.flatten(3, 4)], -1), undo_rows, rows)
+        return out[..., :d], out[..., d]
 
 
-def gather_rounds(t: Tensor, order: Tensor) -> Tensor:
-    """t (B, h, N, X) in each round's order (B, h, r, N) -> (B, h, r, N, X)."""
-    expanded = t.unsqueeze(2).expand(-1, -1, order.shape[2], -1, -1)
-    return expanded.gather(3, order.unsqueeze(-1).expand(*order.shape, t.shape[-1]))
+class _ChunkAttention(torch.autograd.Function):
+    """softmax(q kᵀ) v per chunk, and the log-sum-exp, with a hand-written backward pass that
+    keeps one (c x 2c) tensor per chunk, the weights, where autograd keeps several (scores,
+    their masked copies, exponentials). q (…, c, d + 1) and k (…, k, d + 1) carry the padding
+    column (its gradient is not wanted); the self score is set on the diagonal of the first c
+    keys. Dropout acts on the weights that multiply v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout):
+        scores = q @ k.transpose(-1, -2)
+        scores[..., : scores.shape[-2]].diagonal(dim1=-2, dim2=-1).clamp_(max=SELF_SCORE)  # padding's stays below
+        lse = scores.logsumexp(-1, keepdim=True)
+        weights = scores.sub_(lse).exp_()
+        kept = F.dropout(torch.ones_like(weights), dropout) if dropout else None
+        out = (weights if kept is None else weights * kept) @ v
+        ctx.save_for_backward(q, k, v, weights, kept, out)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, weights, kept, out = ctx.saved_tensors
+        grad_weights = grad_out @ v.transpose(-1, -2)
+        if kept is not None:
+            grad_weights.mul_(kept)
+        shift = (grad_out * out).sum(-1, keepdim=True) - grad_lse
+        # Zero wherever the weight is (padding, the self score next to any other key).
+        grad_scores = grad_weights.sub_(shift).mul_(weights)
+        dropped = weights if kept is None else weights * kept
+        grad_q = F.pad(grad_scores @ k[..., :-1], (0, 1))
+        grad_k = F.pad(grad_scores.transpose(-1, -2) @ q[..., :-1], (0, 1))
+        return grad_q, grad_k, dropped.transpose(-1, -2) @ grad_out, None
+
+
+class _Permute(torch.autograd.Function):
+    """t (..., X) with its rows reordered by the flat permutation ``rows``; the gradient is
+    reordered back by its inverse, one index_select each way (gather would copy an index per
+    element and scatter-add its gradient into zeros)."""
+
+    @staticmethod
+    def forward(ctx, t, rows, inverse):
+        ctx.save_for_backward(inverse)
+        return t.reshape(-1, t.shape[-1]).index_select(0, rows).view(t.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.reshape(-1, grad.shape[-1]).index_select(0, inverse).view(grad.shape), None, None
+
+
+def permute(t: Tensor, rows: Tensor, inverse: Tensor) -> Tensor:
+    return _Permute.apply(t, rows, inverse)
 
 
 def chunks(t: Tensor, size: int) -> Tensor:

@@ -5,6 +5,7 @@
     python scripts/bench.py --cast Nc=64,k=64 --variant performer:num_features=128
     python scripts/bench.py --targets                    # only what CAST's targets need (CPU)
     python scripts/bench.py --fidelity                   # output error against exact attention
+    python scripts/bench.py --peers                      # against reference implementations (cast/bench/peers.py)
 
 Measured: every configs/attention/*.yaml with its defaults, ``vanilla-math`` (impl=math, the N x N
 baseline of LRA-era ratios) and the --cast / --variant variants, as one attention layer (``layer``)
@@ -34,11 +35,13 @@ from pathlib import Path
 import torch
 
 from cast.app.preflight import busy_cpu_message
-from cast.bench.report import fidelity_markdown, plot, speed_markdown, write_csv
+from cast.bench.report import fidelity_markdown, header, plot, speed_markdown, write_csv
 from cast.bench.benchmark import (CONFIG_DIR, MATH, SKIPPED, VANILLA, Shape, Spec, build_step,
                             cpu_peaks, cuda_peak_mb, discover, failure, keep_freed_memory, parse_options,
                             slope, time_ms)
 from cast.bench.fidelity import fidelity_rows
+from cast.bench.peers import PEER_LENGTHS, peer_rows, peers_markdown
+from cast.bench.peers import COLUMNS as PEER_COLUMNS
 
 COLUMNS = ["mode", "device", "mechanism", "options", "label", "length", "batch", "time_ms",
            "time_ratio_vs_vanilla", "speedup_vs_vanilla", "peak_mem_mb", "mem_ratio_vs_vanilla",
@@ -86,14 +89,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="256,512,1K, 1 repeat, layer mode, 1 thread")
     p.add_argument("--targets", action="store_true", help="only the measurements CAST's targets need")
     p.add_argument("--fidelity", action="store_true", help="output error against exact attention instead")
+    p.add_argument("--peers", action="store_true", help="each mechanism against its reference implementation "
+                   "where that package is installed (default lengths 1K,4K,16K; --mechanisms picks pairs)")
     p.add_argument("--scales", type=lambda t: parse_list(t, float), default=[1.0, 4.0],
                    help="--fidelity: input standard deviations (larger = sharper attention)")
     args = p.parse_args(argv)
     args.argv = argv
-    if args.targets and args.mode not in (None, "layer"):
-        p.error("--targets measures the attention layer only; drop --mode")
-    args.mode = args.mode or ("layer" if args.quick or args.targets else "both")
-    args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    if (args.targets or args.peers) and args.mode not in (None, "layer"):
+        p.error("--targets and --peers measure the attention layer only; drop --mode")
+    args.mode = args.mode or ("layer" if args.quick or args.targets or args.peers else "both")
+    args.lengths = args.lengths or (QUICK_LENGTHS if args.quick else PEER_LENGTHS if args.peers else FULL_LENGTHS)
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.warmup = max(1, args.warmup if args.warmup is not None else 1 if args.quick else 2)
     args.device = args.device or ("cpu" if args.targets or not torch.cuda.is_available() else "cuda")
@@ -245,12 +250,25 @@ def main(argv: list[str] | None = None) -> int:
     busy = busy_cpu_message("times will be noisy; --threads 1 and more --repeats help")
     if args.device == "cpu" and not args.fidelity and busy:
         print(f"bench: {busy}", flush=True)
+    out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.peers:
+        try:
+            rows = peer_rows(args)
+        except ValueError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(out / "peers.csv", rows, PEER_COLUMNS)
+        title = "Mechanisms against their reference implementations (attention layer, forward + backward)"
+        lines = [line for line in header(title, args, time.perf_counter() - started) if not line.startswith("- model:")]
+        (out / "peers.md").write_text(peers_markdown(rows, lines))
+        print(f"bench: finished in {time.perf_counter() - started:.0f} s; results in {out}")
+        return 0
     try:
         specs = chosen_specs(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     if args.fidelity:
         rows = fidelity_rows([s for s in specs if s != VANILLA], args.lengths, args.scales,

@@ -5,7 +5,7 @@ trains."""
 import pytest
 import torch
 
-from cast.attention.performer import PerformerAttention, orthogonal_gaussian
+from cast.attention.performer import PerformerAttention, favor, orthogonal_gaussian
 from tests.attention.reference import fit_briefly, largest_tensor, random_batch, softmax_attention
 
 VALID = (24, 17)
@@ -38,6 +38,14 @@ def test_error_against_exact_attention_falls_as_features_grow():
     assert some < few / 2
     assert many < some / 2
     assert many < 0.02
+
+
+def test_hand_written_backward_is_the_gradient():
+    q, k, v, mask = (t.double() if t.is_floating_point() else t for t in small_norm_heads(b=2, h=1, n=6, d=4))
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    features = orthogonal_gaussian(8, 4).double()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda q, k, v: favor(q, k, v, mask, features), inputs)
 
 
 def test_features_are_orthogonal_blocks_with_gaussian_norms():

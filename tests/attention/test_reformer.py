@@ -86,6 +86,21 @@ def test_rounds_combine_like_a_dense_reference(n_hashes):
     torch.testing.assert_close(real_rows(module.attend(q, None, v, mask), mask), real_rows(expected, mask))
 
 
+def test_hand_written_backward_is_the_gradient():
+    """Rounds, padding, the look-back and dropout, in training (rotations and dropout seeded)."""
+    torch.manual_seed(0)
+    module = ReformerAttention(4, 1, bucket_size=4, n_hashes=2, dropout=0.3).train()
+    x, mask = random_batch(n=12, d_model=4, valid=(12, 7))
+    q, _, v = module.project(x.double())
+    inputs = [t.detach().requires_grad_() for t in (q, v)]
+
+    def attend(q, v):
+        torch.manual_seed(0)  # the same rotations and dropout at every evaluation
+        return module.attend(q, None, v, mask)
+
+    assert torch.autograd.gradcheck(attend, inputs)
+
+
 def test_more_rounds_change_the_result():
     one, q, v, mask = module_and_heads(32, (32, 21), bucket_size=4, n_hashes=1)
     three = ReformerAttention(32, 4, bucket_size=4, n_hashes=3).eval()
