@@ -2,13 +2,14 @@
 pass that recomputes the features instead of saving them.
 
 The score polynomial f(s) = a0 + a1·s (+ a2·s²) of s = q·k is an inner product of features,
-f(q·k) = φq(q)·φk(k), with
-    φq(x) = [1, x, (x_i x_j)_{i≤j}]        φk(x) = [a0, a1·x, a2·w_ij (x_i x_j)_{i≤j}]
+f(q·k) = φ(q) · (c ⊙ φ(k)), with
+    φ(x) = [1, x, (x_i x_j)_{i≤j}]        c = [a0, a1 (d times), a2·w_ij]
 and w_ij = 2 off the diagonal (the symmetric half of x⊗x: d(d+1)/2 entries instead of d²).
 So with the values augmented by a column of key weights, u_j = [v_j, m_j] (m_j = 0 drops key j
 out of every sum),
-    S = Σ_j φk(k_j) u_jᵀ        (F, d+1), F = 1 + d + d(d+1)/2
-    [numerator_i, denominator_i] = φq(q_i)ᵀ S,   output_i = numerator_i / denominator_i.
+    S = c ⊙ Σ_j φ(k_j) u_jᵀ        (F, d+1), F = 1 + d + d(d+1)/2 (1 + d for p = 1)
+    [numerator_i, denominator_i] = φ(q_i)ᵀ S,   output_i = numerator_i / denominator_i.
+The coefficients scale the rows of the small state S, never a feature tensor.
 Keys and queries are visited in chunks of rows, so no (N, F) tensor exists at once: peak extra
 memory is one chunk of features, and the backward pass rebuilds them chunk by chunk from the
 saved q, k and u (O(N·d)). Time O(N·F·d) per head, never an N x N tensor.
@@ -119,9 +120,10 @@ def _weights(x: Tensor, coefficients: tuple[float, ...]) -> Tensor:
     that φ(q) · (weights ⊙ φ(k)) = f(q·k)."""
     d = x.shape[-1]
     parts = [x.new_full((1,), coefficients[0]), x.new_full((d,), coefficients[1])]
-    if len(coefficients) == 3:
-        parts += [x.new_full((d - i,), 2 * coefficients[2]).index_fill_(0, x.new_zeros(1, dtype=torch.long),
-                                                                         coefficients[2]) for i in range(d)]
+    for i in range(d if len(coefficients) == 3 else 0):
+        row = x.new_full((d - i,), 2 * coefficients[2])
+        row[0] = coefficients[2]  # the diagonal x_i x_i appears once in q⊗q·k⊗k, the rest twice
+        parts.append(row)
     return torch.cat(parts)
 
 
