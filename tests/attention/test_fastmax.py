@@ -164,12 +164,12 @@ def test_never_builds_an_n_by_n_tensor(p):
     assert largest_tensor(FastmaxAttention(8, 2, p=p), n=n) < n * n
 
 
-def test_features_are_built_a_chunk_at_a_time(monkeypatch):
-    """No (N, F) feature tensor: with d = 32 (F = 561) the largest tensor of a forward and
-    backward pass at N = 1024 is the layer's own activations, far below h·N·F."""
+def test_products_are_built_a_chunk_at_a_time(monkeypatch):
+    """No (N, d·(d+1)) tensor of k ⊗ u or q ⊗ q products: with d = 32 the largest tensor of a
+    forward and backward pass at N = 1024 is the layer's own activations, far below h·N·d·(d+1)."""
     monkeypatch.setattr(fastmax_kernel, "CHUNK_ELEMENTS", 1 << 14)
-    n, heads, features = 1024, 2, 1 + 32 + 32 * 33 // 2
-    assert largest_tensor(FastmaxAttention(64, heads), n=n) < heads * n * features // 8
+    n, heads, d = 1024, 2, 32
+    assert largest_tensor(FastmaxAttention(heads * d, heads), n=n) < heads * n * d * (d + 1) // 8
 
 
 def test_trains_with_adam():
