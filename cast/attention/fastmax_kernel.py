@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements of one chunk's (rows, d·e) products (all leading dims together): 4 MiB of float32,
-# small against the (N, d) activations of a long sequence.
-CHUNK_ELEMENTS = 1 << 20
+# Elements of one chunk's (rows, d·e) products (all leading dims together): 8 MiB of float32,
+# small against the (N, d) activations of a long sequence, large enough for efficient products.
+CHUNK_ELEMENTS = 1 << 21
 # Smallest denominator: a degenerate head (p = 1 with every score at -1) stays finite.
 TINY = 1e-6
 
@@ -108,7 +108,8 @@ def _outer_sum(x: Tensor, y: Tensor, z: Tensor, chunk: int) -> Tensor:
 
 def _contract(x: Tensor, t: Tensor) -> Tensor:
     """Σ_b x_b t_(b, e): x (..., C, d), t (..., C, d·e) -> (..., C, e)."""
-    return (x[..., None, :] @ t.unflatten(-1, (x.shape[-1], -1))).squeeze(-2)
+    # Elementwise, not a matrix product: that would be one tiny (1, d) @ (d, e) product per row.
+    return (x[..., :, None] * t.unflatten(-1, (x.shape[-1], -1))).sum(-2)
 
 
 def _read(q: Tensor, s0: Tensor, s1: Tensor, s2: Tensor | None) -> Tensor:
