@@ -69,19 +69,22 @@ class _Polynomial(torch.autograd.Function):
         # Through output = numerator / denominator: d numerator = g / den, d den = -(g·out) / den,
         # and zero where the denominator was clamped (there it did not depend on the inputs).
         grad_q = torch.empty_like(q)
-        g_all = []
+        g_all = q.new_empty(*q.shape[:-1], u.shape[-1])
+        d_s2 = torch.zeros_like(s2) if s2 is not None else None
         for rows in _chunks(q, chunk):
             den = denominator[..., rows, None]
             g = grad[..., rows, :] / den
             g_den = -(g * out[..., rows, :]).sum(-1, keepdim=True) * (den > TINY)
-            g_all.append(torch.cat([g, g_den], -1))
-            grad_q[..., rows, :] = g_all[-1] @ s1.transpose(-1, -2)
+            g_all[..., rows, :] = g_both = torch.cat([g, g_den], -1)
+            grad_q[..., rows, :] = g_both @ s1.transpose(-1, -2)
             if s2 is not None:
-                grad_q[..., rows, :] += 2 * _outer(q[..., rows, :], g_all[-1]) @ s2.transpose(-1, -2)
-        g_all = torch.cat(g_all, -2)
+                qg = _outer(q[..., rows, :], g_both)
+                grad_q[..., rows, :] += 2 * qg @ s2.transpose(-1, -2)
+                d_s2.add_(q[..., rows, :].transpose(-1, -2) @ qg)
         d_s0 = g_all.sum(-2, keepdim=True) * a[0]
         d_s1 = (q.transpose(-1, -2) @ g_all).mul_(a[1])
-        d_s2 = _outer_sum(q, q, g_all, chunk).mul_(a[2]) if s2 is not None else None
+        if d_s2 is not None:
+            d_s2.mul_(a[2])
         grad_k, grad_u = torch.empty_like(k), torch.empty_like(u)
         for rows in _chunks(k, chunk):
             kc, uc = k[..., rows, :], u[..., rows, :]
