@@ -79,7 +79,7 @@ class _Polynomial(torch.autograd.Function):
             grad_q[..., rows, :] = g_both @ s1.transpose(-1, -2)
             if s2 is not None:
                 qg = _outer(q[..., rows, :], g_both)
-                grad_q[..., rows, :] += 2 * qg @ s2.transpose(-1, -2)
+                grad_q[..., rows, :] += qg @ (2 * s2).transpose(-1, -2)
                 d_s2.add_(q[..., rows, :].transpose(-1, -2) @ qg)
         d_s0 = g_all.sum(-2, keepdim=True) * a[0]
         d_s1 = (q.transpose(-1, -2) @ g_all).mul_(a[1])
@@ -92,7 +92,7 @@ class _Polynomial(torch.autograd.Function):
             grad_k[..., rows, :] = uc @ d_s1.transpose(-1, -2)
             if d_s2 is not None:
                 grad_u[..., rows, :] += _contract(kc, kc @ d_s2)
-                grad_k[..., rows, :] += 2 * _outer(kc, uc) @ d_s2.transpose(-1, -2)
+                grad_k[..., rows, :] += _outer(kc, uc) @ (2 * d_s2).transpose(-1, -2)
         return grad_q, grad_k, grad_u, None
 
 
