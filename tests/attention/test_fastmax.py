@@ -128,7 +128,7 @@ def test_dropout_drops_key_columns_and_keeps_the_output_unbiased():
 
 def test_dropout_gradients_match_the_explicit_form_under_the_same_mask():
     torch.manual_seed(0)
-    module = FastmaxAttention(16, 2, dropout=0.5, normalize=False).train()
+    module = FastmaxAttention(16, 2, dropout=0.5, normalize=False, temperature=1.0).train()
     x, mask = random_batch(b=2, n=12, d_model=16, valid=(12, 7))
     x.requires_grad_(True)
     torch.manual_seed(1)
