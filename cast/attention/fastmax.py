@@ -52,7 +52,7 @@ class FastmaxAttention(Attention):
     name = "fastmax"
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, p: int = 2,
-                 normalize: bool = False, temperature: float = 0.25,
+                 normalize: bool = False, temperature: float = 0.125,
                  coefficients: list[float] | None = None, **kw):
         super().__init__(d_model, n_heads, dropout, **kw)
         self.p = require_choice(self.name, "p", p, ORDERS)
