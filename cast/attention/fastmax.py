@@ -1,21 +1,22 @@
 """FAST / Fastmax: Gerami, Hoover, Dulepet, Duraiswami, "FAST: Factorizable Attention for
-Speeding up Transformers", arXiv 2402.07901; authors' code armingerami/reproducing_fastmax_results.
+Speeding up Transformers", arXiv 2402.07901; authors' code armingerami/reproducing_fastmax_results
+(later armingerami/Fastmax).
 
-Softmax's exponential is replaced by its Taylor polynomial f(s) = 1 + s (p = 1) or
-1 + s + s²/2 (p = 2), applied to scores s = q·k of normalised queries and keys: per (batch, head)
-each token is centred over its features, then all tokens are divided by the largest norm among
-the valid ones, so |s| ≤ 1 (and f > 0 for p = 2). Weights are f(s_ij) / Σ_n f(s_in) over valid keys.
-
+Softmax's exponential is replaced by a polynomial of the score, by default its Taylor
+polynomial f(s) = 1 + s (p = 1) or 1 + s + s²/2 (p = 2); weights are f(s_ij) / Σ_n f(s_in)
+over valid keys. The score is
+    s = q̂·k̂ / temperature   with normalize: each token centred over its features, then all
+                            tokens of a (batch, head) divided by the largest valid norm, so
+                            |q̂·k̂| ≤ 1 (the paper's normalisation);
+    s = q·k / (temperature·√d)  without: softmax attention's scaled dot product.
 Because f is a polynomial, the sums over keys factorise (the paper's F numerator and g
-denominator):
-    numerator_i   = Σ_j v_j + q_iᵀ (Σ_j k_j v_jᵀ) + ½ (q_i ⊗ q_i)ᵀ (Σ_j (k_j ⊗ k_j) v_jᵀ)
-    denominator_i = n     + q_iᵀ (Σ_j k_j)     + ½ (q_i ⊗ q_i)ᵀ (Σ_j k_j ⊗ k_j)
-with n the number of valid keys; padded keys are zeroed before every sum. Cost per head
-O(N·d^(p+1)) time and O(N·d^p) memory (the k⊗k and q⊗q factors); the N x N matrix never exists.
+denominator) into linear attention with polynomial features; cast/attention/fastmax_kernel.py
+computes it over chunks of the sequence in O(N·d^(p+1)) time per head and O(N·d) memory,
+never an N x N tensor. Padded keys drop out of every sum.
 
-Dropout acts on the key-side factors of the numerator: each (head, key) is dropped with the
-given probability and the survivors scaled up, which is standard attention dropout with one mask
-per key column shared by all queries. The output stays unbiased and the denominator positive.
+Dropout acts on the key side of the numerator: each (head, key) is dropped with the given
+probability and the survivors scaled up, which is standard attention dropout with one mask per
+key column shared by all queries. The output stays unbiased and the denominator positive.
 (The authors drop individual feature entries of the q and k factors instead.)
 
 Shapes: B batch, h heads, N length, d head width.
@@ -23,15 +24,17 @@ Shapes: B batch, h heads, N length, d head width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import Attention, require_choice
+from cast.attention.base import Attention, option_error, require_choice
+from cast.attention.fastmax_kernel import polynomial_attention
 
 ORDERS = (1, 2)
-# Smallest largest-norm and denominator: keeps a degenerate head (all tokens equal, or p = 1
-# with every score at -1) finite instead of dividing by zero.
+# Smallest largest-norm: keeps a degenerate head (all tokens equal) finite.
 TINY = 1e-6
 
 
@@ -39,32 +42,45 @@ class FastmaxAttention(Attention):
     """Factorised polynomial attention.
 
     Args:
-        p: order of the Taylor polynomial replacing exp (1 or 2).
+        p: order of the polynomial replacing exp (1 or 2).
+        normalize: centre q and k per token and divide by the largest norm (|q̂·k̂| ≤ 1);
+            False scores q·k/√d as softmax attention does.
+        temperature: scores are divided by it before the polynomial (> 0).
+        coefficients: the polynomial's p + 1 coefficients (a0, a1[, a2]); None: Taylor's 1/ℓ!.
     """
 
     name = "fastmax"
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, p: int = 2, **kw):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, p: int = 2,
+                 normalize: bool = False, temperature: float = 0.125,
+                 coefficients: list[float] | None = None, **kw):
         super().__init__(d_model, n_heads, dropout, **kw)
         self.p = require_choice(self.name, "p", p, ORDERS)
+        self.normalize = require_choice(self.name, "normalize", normalize, (True, False))
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise option_error(self.name, "temperature", temperature, "a positive number")
+        self.temperature = float(temperature)
+        self.coefficients = taylor(p) if coefficients is None else tuple(float(a) for a in coefficients)
+        if len(self.coefficients) != p + 1 or not all(math.isfinite(a) for a in self.coefficients) \
+                or self.coefficients[0] <= 0:
+            raise option_error(self.name, "coefficients", coefficients,
+                               f"null or p + 1 = {p + 1} finite numbers (a0, a1, ...) with a0 > 0")
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         real = mask[:, None, :, None].to(q.dtype)
-        q, k = normalise(q, mask) * real, normalise(k, mask) * real
+        if self.normalize:
+            q, k = normalise(q, mask), normalise(k, mask)
+            scale = 1 / self.temperature
+        else:
+            scale = 1 / (self.temperature * math.sqrt(q.shape[-1]))
         keep = F.dropout(real.expand(*v.shape[:3], 1), self.dropout, self.training)
-        v = v * keep
-        count = mask.sum(-1).to(q.dtype)[:, None, None]
+        u = torch.cat([v * keep, real.expand_as(keep)], -1)
+        return polynomial_attention(q * (real * scale), k, u, self.coefficients)
 
-        numerator = v.sum(2, keepdim=True) + torch.einsum(
-            "bhnd,bhde->bhne", q, torch.einsum("bhnd,bhne->bhde", k, v)
-        )
-        denominator = count + torch.einsum("bhnd,bhd->bhn", q, k.sum(2))
-        if self.p == 2:
-            kkv = torch.einsum("bhnd,bhnf,bhne->bhdfe", k, k, v)
-            numerator = numerator + torch.einsum("bhnd,bhnf,bhdfe->bhne", q, q, kkv) / 2
-            kk = torch.einsum("bhnd,bhnf->bhdf", k, k)
-            denominator = denominator + torch.einsum("bhnd,bhnf,bhdf->bhn", q, q, kk) / 2
-        return numerator / denominator.clamp_min(TINY).unsqueeze(-1)
+
+def taylor(p: int) -> tuple[float, ...]:
+    """exp's Taylor coefficients up to order p: 1, 1, 1/2, ..."""
+    return tuple(1 / math.factorial(n) for n in range(p + 1))
 
 
 def normalise(t: Tensor, mask: Tensor) -> Tensor:
