@@ -42,5 +42,5 @@ gpu-check: install ## on a CUDA machine, about 10 min: CUDA tests, lra/* presets
 	$(PY) -m cast.bench.gpu_check $(GPU_OUT)
 
 clean: ## remove run outputs, caches and build leftovers (keeps data/ and .venv)
-	rm -rf outputs/runs outputs/multirun .pytest_cache *.egg-info
+	rm -rf outputs/runs outputs/multirun .pytest_cache *.egg-info build
 	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +
