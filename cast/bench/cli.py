@@ -260,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(out / "peers.csv", rows, PEER_COLUMNS)
         title = "Mechanisms against their reference implementations (attention layer, forward + backward)"
-        lines = [line for line in header(title, args, time.perf_counter() - started) if not line.startswith("- model:")]
-        (out / "peers.md").write_text(peers_markdown(rows, lines))
+        (out / "peers.md").write_text(peers_markdown(rows, header(title, args, time.perf_counter() - started)))
         print(f"bench: finished in {time.perf_counter() - started:.0f} s; results in {out}")
         return 0
     try:

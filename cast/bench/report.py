@@ -86,8 +86,9 @@ def header(title: str, args, elapsed: float) -> list[str]:
              f"- layer: batch {args.batch}, {args.heads} heads of width {args.head_dim} (d_model {args.heads * args.head_dim})"]
     if args.fidelity:
         return lines + [""]
-    # --quick and --targets measure the layer only: no model line for a model that was not run.
-    model = [f"- model: the LRA Text model, batch {args.batch}"] if args.mode in ("model", "both") else []
+    # --quick, --targets and --peers measure the layer only: no model line for a model that was not run.
+    measured = args.mode in ("model", "both") and not getattr(args, "peers", False)
+    model = [f"- model: the LRA Text model, batch {args.batch}"] if measured else []
     return lines + model + [f"- repeats: {args.repeats} (median), each after one untimed step; warm-up steps: "
                     f"{args.warmup}; at least {args.min_time_ms:g} ms per mechanism and repeat",
                     f"- CPU malloc: {malloc_line(args)}", ""]

@@ -57,7 +57,8 @@ def test_cli_writes_the_peers_table_and_refuses_unknown_pairs(tmp_path, monkeypa
     assert bench.main(argv) == 0
     csv_text = (tmp_path / "peers.csv").read_text()
     assert csv_text.startswith(",".join(peers.COLUMNS)) and "skipped: no-such-package not installed" in csv_text
-    assert "| vanilla | twin | 64 |" in (tmp_path / "peers.md").read_text()
+    table = (tmp_path / "peers.md").read_text()
+    assert "| vanilla | twin | 64 |" in table and "- model:" not in table  # the layer only, no model line
     assert bench.main(argv + ["--mechanisms", "cast"]) == 2
     assert "['cast'] have no reference implementation" in capsys.readouterr().err
 
