@@ -24,15 +24,22 @@ os.environ.setdefault("WANDB_SILENT", "true")
 TINY = ["debug=tiny", "task.max_length=64", "progress=none"]
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count in this process (bench.main --threads) leaves it as it was."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def listops_dir(tmp_path_factory) -> Path:
     """A small generated ListOps set in the release layout (short trees, fixed seed)."""
-    from tasks.listops_generator import write_release
+    from tests.helpers.lra import small_listops
 
-    out = tmp_path_factory.mktemp("listops")
-    write_release(out, {"train": 160, "val": 48, "test": 48}, seed=0, min_length=8, max_length=60,
-                  max_depth=4, workers=1, progress=False)
-    return out
+    return small_listops(tmp_path_factory.mktemp("listops"))
 
 
 def compose_train(run_dir: Path, overrides: list[str], config_name: str = "train"):
