@@ -36,8 +36,17 @@ def train_py(listops_dir: Path, *args: str, multirun: bool = False) -> list[str]
             f"task.data_dir={listops_dir}", *args]
 
 
+def default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a terminal gives them. A shell that starts a job in the
+    background (as a CI harness may start this suite) ignores SIGINT, and train.py rightly leaves
+    an ignored signal ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start(command: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)
 
 
 def checkpoint_step(path: Path) -> int | None:
