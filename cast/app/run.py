@@ -21,12 +21,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cast.app.callbacks import PlainProgress, RunStats, StopOnSignal
-from cast.app.memory import peak_memory_mb
 from cast.app.interrupt import Interrupted, StopSignals, resume_command
+from cast.app.memory import peak_memory_mb
 from cast.app.preflight import resolve_ckpt
-from cast.lit import LitClassifier
 from cast.app.results import start_results, write_results
 from cast.app.wandb_utils import finish_wandb, prepare_wandb_config, summarise_wandb
+from cast.lit import LitClassifier
 
 
 class CheckpointMismatchError(ValueError):
