@@ -67,27 +67,33 @@ class ImprovedClusteredAttention(ClusteredAttention):
         # In place on the product's own output: its backward does not need it.
         scores = ((centroids * scale) @ k.transpose(-1, -2)).add_(key_padding_bias(mask, q.dtype))
         weights = torch.softmax(scores, dim=-1)
-        top = weights.topk(self.topk, dim=-1).indices
-        top_valid = mask[:, None, None, :].expand_as(weights).gather(-1, top)
-        top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
+        top_weights, top = weights.topk(self.topk, dim=-1)
+        # Where every key is valid (checked on a CPU only: on an accelerator it would synchronise)
+        # no top slot needs silencing; a padded key's weight is 0 either way.
+        every_key = q.device.type == "cpu" and bool(mask.all())
+        top_valid = None if every_key else mask[:, None, None, :].expand_as(weights).gather(-1, top)
+        top_mass = (top_weights if every_key else top_weights * top_valid).sum(-1, keepdim=True)
         # Centroid output without the top-k columns, as all columns minus the top ones: no
         # (C, N) copy with the top columns zeroed.
-        dropped = F.dropout(weights, self.dropout) if self.training and self.dropout else weights
+        dropping = self.training and self.dropout
+        dropped = F.dropout(weights, self.dropout) if dropping else weights
+        top_dropped = dropped.gather(-1, top) if dropping else top_weights
         top_values = take_rows(v, top.flatten(2)).view(*top.shape, -1)
-        rest = dropped @ v - (dropped.gather(-1, top).unsqueeze(-2) @ top_values).squeeze(-2)
+        rest = dropped @ v - (top_dropped.unsqueeze(-2) @ top_values).squeeze(-2)
 
         layout = block_layout(assignment, self.num_clusters, block_size(q.shape[-2], self.num_clusters))
         d = q.shape[-1]
         # Each cluster's top keys and m̂-scaled values, then one copy per block of its cluster's.
         keys = layout.per_block(take_rows(k, top.flatten(2)).view(*top.shape, d))
         values = layout.per_block(top_values * top_mass.unsqueeze(-1))
-        silenced = torch.zeros_like(top_valid, dtype=q.dtype)
-        silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
-        scores = torch.baddbmm(
-            layout.per_block(silenced).view(-1, 1, self.topk),
-            layout.to_blocks(q * scale).view(-1, layout.block, d),
-            keys.view(-1, self.topk, d).transpose(-1, -2),
-        )
+        queries = layout.to_blocks(q * scale).view(-1, layout.block, d)
+        if every_key:
+            scores = torch.bmm(queries, keys.view(-1, self.topk, d).transpose(-1, -2))
+        else:
+            silenced = torch.zeros_like(top_valid, dtype=q.dtype)
+            silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
+            scores = torch.baddbmm(layout.per_block(silenced).view(-1, 1, self.topk), queries,
+                                   keys.view(-1, self.topk, d).transpose(-1, -2))
         exact = torch.softmax(scores, dim=-1)
         if self.training and self.dropout:
             exact = F.dropout(exact, self.dropout)

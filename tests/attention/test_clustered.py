@@ -99,6 +99,20 @@ def test_kmeans_equals_the_float_matmul_lloyd(monkeypatch, wide_from, bits, clus
     assert torch.equal(centroids, expected_centroids)
 
 
+@pytest.mark.parametrize("heads", [1, 3], ids=["batch-halves", "head-halves"])
+def test_kmeans_split_over_a_worker_thread_equals_the_float_matmul_lloyd(monkeypatch, heads):
+    """The CPU split (half the rows in a worker thread) changes nothing, over heads or batch."""
+    monkeypatch.setattr(hamming, "SPLIT_FROM", 0)
+    torch.set_num_threads(2)                   # the conftest fixture restores the count
+    codes = random_codes((3, heads, 40, 63), seed=heads)
+    mask = torch.arange(40)[None, :] < torch.tensor([40, 17, 33])[:, None]
+    assert hamming._halves(codes, mask) is not None, "the split path must be the one under test"
+    assignment, centroids = hamming_kmeans(codes, mask, 6, iterations=5)
+    expected_assignment, expected_centroids = lloyd_reference(codes, mask, 6, iterations=5)
+    assert torch.equal(assignment, expected_assignment)
+    assert torch.equal(centroids, expected_centroids)
+
+
 def test_kmeans_recovers_well_separated_groups_even_from_a_bad_start():
     g = torch.Generator().manual_seed(1)
     centres = torch.randn(4, 8, generator=g) * 4
