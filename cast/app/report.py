@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from cast.app import tables
-from cast.app.reporting import METRICS, Run, Table, cluster_table, collect, fmt, lra_table, unfinished
+from cast.app.reporting import METRICS, Run, Table, cluster_table, collect, fmt, lra_table, time_table, unfinished
 
 RUN_FIELDS = ("task", "model", "attention", "seed", "status", "val_acc_best", "test_acc", "steps", "wall_time_s",
               "samples_per_s", "peak_mem_mb", "params", "run_dir", "error")
@@ -181,13 +181,15 @@ def log_wandb(args, lra: Table, clusters: Table | None, runs: list[Run], plot: P
     return directory, online
 
 
-def write_files(out: Path, metric: str, runs: list[Run], lra: Table, clusters: Table | None) -> Path | None:
+def write_files(out: Path, metric: str, runs: list[Run], lra: Table, clusters: Table | None,
+                times: Table) -> Path | None:
     """Every output file; returns the cluster plot's path when there is one."""
     out.mkdir(parents=True, exist_ok=True)
     ok = sum(r.status == "ok" for r in runs)
     sections = [f"# Report: {metric}\n", f"{len(runs)} runs: {ok} finished, {len(runs) - ok} failed or unfinished.\n",
-                f"## {lra.title}\n", markdown(lra)]
+                f"## {lra.title}\n", markdown(lra), f"## {times.title}\n", markdown(times)]
     write_csv(lra, out / "lra.csv")
+    write_csv(times, out / "time.csv")
     (out / "lra.tex").write_text(latex(lra))
     plot = None
     if clusters is not None:
@@ -211,8 +213,10 @@ def report(args) -> int:
         return 1
     lra = lra_table(runs, args.metric, paper=not args.no_paper)
     clusters = cluster_table(runs, args.metric)
-    plot = write_files(args.out, args.metric, runs, lra, clusters)
+    times = time_table(runs)
+    plot = write_files(args.out, args.metric, runs, lra, clusters, times)
     print_table(lra)
+    print_table(times)
     if clusters is not None:
         print_table(clusters)
     broken = unfinished(runs)
@@ -221,7 +225,7 @@ def report(args) -> int:
         for run in broken:
             print(f"  {run.status:8s} {run.task} / {run.model} seed {run.results.get('seed')}: "
                   f"{run.results.get('error') or 'no error recorded (still running or killed)'}  [{run.path.parent}]")
-    print(f"\nreport: {args.out}/report.md (+ .csv, .tex{', clusters.png' if plot else ''})")
+    print(f"\nreport: {args.out}/report.md (+ lra.csv, time.csv, .tex{', clusters.png' if plot else ''})")
     if args.wandb:
         where, online = log_wandb(args, lra, clusters, runs, plot)
         print(f"W&B: {where}" + ("" if online else f"  (offline; upload with: wandb sync {where})"))

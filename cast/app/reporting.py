@@ -109,10 +109,12 @@ class Table:
     keys: list[str]                   # machine names of the columns (task names, cluster counts)
     rows: list[Row]
     label_header: str = "Model"
-    best_per: str = "column"          # column: best model per task | row: best cluster count per task
+    best_per: str = "column"          # column: best model per task | row: best cluster count per task | none
 
     def marked(self) -> set[tuple[int, int]]:
         """(row, column) of every best cell; reported rows never compete."""
+        if self.best_per == "none":
+            return set()
         means = {(i, j): c.mean for i, r in enumerate(self.rows) if not r.reference
                  for j, c in enumerate(r.cells) if c is not None and c.mean is not None}
         line = 1 if self.best_per == "column" else 0
@@ -207,8 +209,8 @@ def finished(runs: list[Run]) -> list[Run]:
     return [r for r in runs if r.status == "ok" and r.readable]
 
 
-def _cell(runs: list[Run], metric: str) -> Cell:
-    return Cell([100 * r.results[metric] for r in runs if r.results.get(metric) is not None])
+def _cell(runs: list[Run], metric: str, scale: float = 100) -> Cell:
+    return Cell([scale * r.results[metric] for r in runs if r.results.get(metric) is not None])
 
 
 def _seeds(runs: list[Run]) -> list[int]:
@@ -224,30 +226,62 @@ def _row_order(label: str, mechanisms: list[str]) -> tuple:
 
 
 def lra_table(runs: list[Run], metric: str = "test_acc", paper: bool = True) -> Table:
-    """Model × task in the LRA paper's layout, with the five-task average and the paper's rows;
-    the average's tasks always have a column, the others when they have runs."""
+    """Model × task in the LRA paper's layout, with the five-task average, the majority class of
+    each column's test set and the paper's rows; the average's tasks always have a column, the
+    others when they have runs."""
     runs = finished(runs)
+    keys, columns, averaged = _task_columns(runs)
+    lra = bool(averaged)                          # no LRA task among the runs: no average, no paper rows
+    rows = [Row(label, cells + ([_average(keys, cells, averaged)] if lra else []), seeds)
+            for label, cells, seeds in _model_rows(runs, keys, metric, 100)]
+    # The rate of the most frequent class in each column's test set (the same for all its runs).
+    majority = [_cell([r for r in runs if r.task == t], MAJORITY) for t in keys]
+    if any(c.values for c in majority):
+        cells = [Cell([], mean_override=c.mean) if c.values else None for c in majority]
+        rows.append(Row("majority class", cells + ([None] if lra else []), reference=True))
+    if paper and lra:
+        rows += [_paper_row(name, keys, averaged) for name in PAPER]
+    extra = ["Avg"] if lra else []
+    return Table(f"LRA accuracy (%), {metric}" if lra else f"Accuracy (%), {metric}", columns + extra,
+                 keys + [e.lower() for e in extra], rows)
+
+
+def time_table(runs: list[Run]) -> Table:
+    """Wall time of a run in minutes (training, validation and test), model × task."""
+    runs = finished(runs)
+    keys, columns, _ = _task_columns(runs)
+    rows = [Row(label, cells, seeds) for label, cells, seeds in _model_rows(runs, keys, "wall_time_s", 1 / 60)]
+    return Table("Wall time per run (minutes)", columns, keys, rows, best_per="none")
+
+
+MAJORITY = "test_majority_acc"
+
+
+def _task_columns(runs: list[Run]) -> tuple[list[str], list[str], set[str]]:
+    """Column keys and labels (registry order, then the CPU protocols: quickstart, mini/*) and the
+    tasks of the LRA average: all five have a column when any run is on an LRA task, none when
+    every run is on a CPU protocol."""
     known, present = registry.tasks(), {r.task for r in runs}
-    shown = [t for t in known if t.lra_average or t.name in present]
-    unknown = sorted(present - {t.name for t in known})  # tasks with no config here: after the others
-    keys = [t.name for t in shown] + unknown
-    averaged = {t.name for t in known if t.lra_average}
+    lra = any(t.name in present for t in known) or not present
+    shown = [t for t in known if (lra and t.lra_average) or t.name in present]
+    unknown = sorted(present - {t.name for t in known})
+    averaged = {t.name for t in known if t.lra_average} if lra else set()
+    return [t.name for t in shown] + unknown, [t.label for t in shown] + unknown, averaged
+
+
+def _model_rows(runs: list[Run], keys: list[str], metric: str, scale: float):
+    """(label, one cell per key, seeds) per model, in registry order."""
     by_model: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_model[run.model].append(run)
     mechanisms = registry.mechanisms()
-    rows = []
     for label in sorted(by_model, key=lambda m: _row_order(m, mechanisms)):
         members = by_model[label]
         cells: list[Cell | None] = [
-            _cell([r for r in members if r.task == t], metric) if any(r.task == t for r in members) else None
+            _cell([r for r in members if r.task == t], metric, scale) if any(r.task == t for r in members) else None
             for t in keys
         ]
-        rows.append(Row(label, cells + [_average(keys, cells, averaged)], _seeds(members)))
-    if paper:
-        rows += [_paper_row(name, keys, averaged) for name in PAPER]
-    columns = [t.label for t in shown] + unknown + ["Avg"]
-    return Table(f"LRA accuracy (%), {metric}", columns, keys + ["avg"], rows)
+        yield label, cells, _seeds(members)
 
 
 def _average(keys: list[str], cells: list[Cell | None], averaged: set[str]) -> Cell | None:

@@ -167,7 +167,16 @@ def test_report_of_a_real_sweep_matches_its_results_files(sweep, tmp_path):
         assert float(row["listops_std"]) == pytest.approx(statistics.stdev(values), abs=1e-9)
         assert row["seeds"] == "0 1"
         assert row["listops_n"] == "2"
-    assert len(rows) == 2 + 7  # two models, seven reported rows: the failed settings make no row
+    # Two models, the majority class, seven reported rows: the failed settings make no row.
+    assert len(rows) == 2 + 1 + 7
+    majority = {r["test_majority_acc"] for r in results if r["status"] == "ok"}
+    assert len(majority) == 1 and float(rows["majority class"]["listops_mean"]) == pytest.approx(100 * majority.pop())
+    times = read_csv(tmp_path / "time.csv")
+    for layers in (1, 2):
+        ok = [r for r in results if r["status"] == "ok" and f"model.n_layers={layers}" in _overrides(r)]
+        minutes = [r["wall_time_s"] / 60 for r in ok]
+        assert float(times[f"vanilla (model.n_layers={layers})"]["listops_mean"]) == pytest.approx(
+            statistics.fmean(minutes), abs=1e-9)
     md = (tmp_path / "report.md").read_text()
     table, listed = md.split("## Failed or unfinished runs")
     assert "pooling=max" not in table and "model.pooling=max" in listed
