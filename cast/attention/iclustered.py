@@ -86,10 +86,13 @@ class ImprovedClusteredAttention(ClusteredAttention):
         # Each cluster's top keys and m̂-scaled values, then one copy per block of its cluster's.
         keys = layout.per_block(take_rows(k, top.flatten(2)).view(*top.shape, d))
         values = layout.per_block(top_values * top_mass.unsqueeze(-1))
-        queries = layout.to_blocks(q * scale).view(-1, layout.block, d)
+        queries = layout.to_blocks(q).view(-1, layout.block, d)
         if every_key:
-            scores = torch.bmm(queries, keys.view(-1, self.topk, d).transpose(-1, -2))
+            # Scaled in place on the product's own output (its backward does not need it): no
+            # scaled copy of q.
+            scores = torch.bmm(queries, keys.view(-1, self.topk, d).transpose(-1, -2)).mul_(scale)
         else:
+            queries = queries * scale
             silenced = torch.zeros_like(top_valid, dtype=q.dtype)
             silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
             scores = torch.baddbmm(layout.per_block(silenced).view(-1, 1, self.topk), queries,
