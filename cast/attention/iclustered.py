@@ -83,8 +83,9 @@ class ImprovedClusteredAttention(ClusteredAttention):
 
         layout = block_layout(assignment, self.num_clusters, block_size(q.shape[-2], self.num_clusters))
         d = q.shape[-1]
-        # Each cluster's top keys and m̂-scaled values, then one copy per block of its cluster's.
-        keys = layout.per_block(take_rows(k, top.flatten(2)).view(*top.shape, d))
+        # Each block's copy of its cluster's top keys, gathered from k at once (no per-cluster copy
+        # in between, nor its gradient), and of its cluster's m̂-scaled top values.
+        keys = take_rows(k, layout.per_block(top).flatten(2))
         values = layout.per_block(top_values * top_mass.unsqueeze(-1))
         queries = layout.to_blocks(q).view(-1, layout.block, d)
         if every_key:
