@@ -133,6 +133,28 @@ def test_sigterm_saves_records_and_prints_the_resume_command_and_exits_143(listo
     assert read_results(run_dir)["status"] == "ok" and read_results(run_dir)["steps"] == 12
 
 
+# A job manager's own SIGUSR2 handler, as submitit installs it for the SLURM time limit: it requeues
+# the job (here: nothing) and exits.
+SUBMITIT_LIKE = ("import os, runpy, signal, sys; signal.signal(signal.SIGUSR2, lambda s, f: sys.exit(-1)); "
+                 "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_a_job_managers_time_limit_signal_is_left_to_it_and_recorded_as_interrupted(listops_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    steps = ["attention=vanilla", "trainer.max_steps=12", "callbacks.last.every_n_train_steps=2"]
+    command = train_py(listops_dir, *steps, *SLOW_STEPS, f"hydra.run.dir={run_dir}")
+    proc = start([command[0], "-c", SUBMITIT_LIKE, *command[1:]], tmp_path)
+    wait_for_checkpoint(proc, run_dir / "checkpoints" / "last.ckpt", 2)
+    proc.send_signal(signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 255, stderr[-3000:]        # the handler's own exit, sys.exit(-1)
+    saved = read_results(run_dir)
+    assert (saved["status"], saved["signal"]) == ("interrupted", "SIGUSR2"), saved
+    assert 2 <= saved["steps"] < 12 and checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == saved["steps"]
+    assert saved["resume"].endswith(f"hydra.run.dir={run_dir} ckpt_path=last")
+
+
 def test_sigint_stops_a_multirun_as_interrupted_not_failed_and_exits_130(listops_dir, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["attention=vanilla", "trainer.max_steps=12", "callbacks.last.every_n_train_steps=2", "seed=0,1",

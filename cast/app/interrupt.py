@@ -10,7 +10,9 @@ entry point prints that command and exits with 128 + the signal number (SIGTERM 
 the shell's convention, so a scheduler sees that the job did not finish.
 
 A signal that already has a handler of its own (submitit installs one for SIGTERM in a SLURM
-job, and handles the time limit with SIGUSR2) is left to it.
+job, and handles the time limit with SIGUSR2: it requeues the job and exits) is left to it, but
+noted on the way (``handed_over``): when the run then ends by an exception, train() records it as
+``interrupted`` by that signal, not as failed, and lets the exception go on (submitit's exit).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import threading
 from pathlib import Path
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals that a job manager may own and act on (submitit: the SLURM time limit).
+OWNED = (signal.SIGTERM, signal.SIGUSR2) if hasattr(signal, "SIGUSR2") else (signal.SIGTERM,)
 
 
 class Interrupted(BaseException):
@@ -44,6 +48,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: signal.Signals | None = None
+        self.handed_over: signal.Signals | None = None   # a signal whose own handler ran
         self.fitting = False
         self._previous: dict[int, object] = {}
 
@@ -54,6 +59,11 @@ class StopSignals:
                 if current in (signal.SIG_DFL, signal.default_int_handler):
                     self._previous[signum] = current
                     signal.signal(signum, self._on_signal)
+            for signum in OWNED:
+                current = signal.getsignal(signum)
+                if callable(current) and signum not in self._previous and current is not signal.default_int_handler:
+                    self._previous[signum] = current
+                    signal.signal(signum, self._hand_over(current))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -66,6 +76,13 @@ class StopSignals:
         self.received = signal.Signals(signum)
         if again or not self.fitting:
             raise Interrupted(signum)
+
+    def _hand_over(self, handler):
+        def noted(signum, frame):
+            self.handed_over = signal.Signals(signum)
+            return handler(signum, frame)
+
+        return noted
 
     def stop_if_asked(self) -> None:
         if self.received is not None:
