@@ -61,7 +61,7 @@ def write_csv(table: Table, path: Path) -> None:
     fields = ("mean", "std", "n")
     body = []
     for row in table.rows:
-        values: list = [row.label, "reported" if row.reference else "runs"]
+        values: list = [row.label, row.origin]
         for cell in row.cells:
             if cell is None:
                 values += [""] * len(fields)
@@ -144,7 +144,7 @@ def wandb_tables(table: Table):
     columns = ["model", "source"] + [x for name in table.columns for x in (name, f"{name} std")] + ["seeds"]
     data = []
     for row in table.rows:
-        line: list = [row.label, "reported" if row.reference else "runs"]
+        line: list = [row.label, row.origin]
         for cell in row.cells:
             line += [None, None] if cell is None else [cell.mean, cell.std]
         data.append(line + [" ".join(map(str, row.seeds))])

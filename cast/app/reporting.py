@@ -100,6 +100,11 @@ class Row:
     cells: list[Cell | None]
     seeds: list[int] = field(default_factory=list)
     reference: bool = False           # a paper row: shown for comparison, never marked best
+    source: str = ""                  # what its numbers are: runs, reported, data (default: by ``reference``)
+
+    @property
+    def origin(self) -> str:
+        return self.source or ("reported" if self.reference else "runs")
 
 
 @dataclass
@@ -238,7 +243,7 @@ def lra_table(runs: list[Run], metric: str = "test_acc", paper: bool = True) -> 
     majority = [_cell([r for r in runs if r.task == t], MAJORITY) for t in keys]
     if any(c.values for c in majority):
         cells = [Cell([], mean_override=c.mean) if c.values else None for c in majority]
-        rows.append(Row("majority class", cells + ([None] if lra else []), reference=True))
+        rows.append(Row("majority class", cells + ([None] if lra else []), reference=True, source="data"))
     if paper and lra:
         rows += [_paper_row(name, keys, averaged) for name in PAPER]
     extra = ["Avg"] if lra else []

@@ -171,6 +171,7 @@ def test_report_of_a_real_sweep_matches_its_results_files(sweep, tmp_path):
     assert len(rows) == 2 + 1 + 7
     majority = {r["test_majority_acc"] for r in results if r["status"] == "ok"}
     assert len(majority) == 1 and float(rows["majority class"]["listops_mean"]) == pytest.approx(100 * majority.pop())
+    assert rows["majority class"]["source"] == "data"
     times = read_csv(tmp_path / "time.csv")
     for layers in (1, 2):
         ok = [r for r in results if r["status"] == "ok" and f"model.n_layers={layers}" in _overrides(r)]
@@ -204,7 +205,10 @@ def test_wandb_leaderboard_is_written_offline(sweep, tmp_path):
     payload = json.loads((runs[0] / "files" / board["path"]).read_text())
     assert payload["columns"][:4] == ["model", "source", "ListOps", "ListOps std"]
     assert payload["columns"][-3:] == ["Avg", "Avg std", "seeds"]
-    assert board["nrows"] == len(payload["data"]) == 2 + 7  # two models, seven reported rows
+    # Two models, the majority class (from the data), seven reported rows.
+    assert board["nrows"] == len(payload["data"]) == 2 + 1 + 7
+    sources = [dict(zip(payload["columns"], line))["source"] for line in payload["data"]]
+    assert sources == ["runs"] * 2 + ["data"] + ["reported"] * 7
     expected = read_csv(tmp_path / "lra.csv")
     for line in payload["data"]:
         row = dict(zip(payload["columns"], line))
