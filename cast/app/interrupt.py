@@ -61,7 +61,7 @@ class StopSignals:
                     signal.signal(signum, self._on_signal)
             for signum in OWNED:
                 current = signal.getsignal(signum)
-                if callable(current) and signum not in self._previous and current is not signal.default_int_handler:
+                if callable(current) and signum not in self._previous:
                     self._previous[signum] = current
                     signal.signal(signum, self._hand_over(current))
         return self

@@ -155,15 +155,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except BaseException as error:
             if trainer is not None:
                 results["steps"] = trainer.global_step
-            command = resume_command(results["overrides"], out_dir)
-            if stop.received is None and stop.handed_over is not None:
-                # The signal's own handler (submitit: requeue at the time limit, then exit) ended
-                # the run: last.ckpt holds it, and the exception goes on to that handler's end.
-                results.update(status="interrupted", signal=stop.handed_over.name, resume=command)
-                raise
             if stop.received is None:
-                results.update(status="failed", error=f"{type(error).__name__}: {error}")
+                if stop.handed_over is None:
+                    results.update(status="failed", error=f"{type(error).__name__}: {error}")
+                else:
+                    # The signal's own handler (submitit: requeue at the time limit, then exit)
+                    # ended the run: last.ckpt holds it, and the exception goes on to its end.
+                    results.update(status="interrupted", signal=stop.handed_over.name,
+                                   resume=resume_command(results["overrides"], out_dir))
                 raise
+            command = resume_command(results["overrides"], out_dir)
             name = stop.received.name
             results.update(status="interrupted", signal=name, resume=command)
             raise Interrupted(stop.received, f"interrupted by {name} at step {results['steps']}; "

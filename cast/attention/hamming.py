@@ -23,6 +23,7 @@ Shapes: B batch, h heads, N length, b bits, C clusters, G = B·h, J = ceil(b / w
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +76,11 @@ def hamming_kmeans(
 # Below this many code bits in all a split costs more than it saves (measured at N = 1K: 16 rows
 # of 1,024 queries x 63 bits gain 1.4x).
 SPLIT_FROM = 1 << 16
-_pool: list[ThreadPoolExecutor] = []
 
 
+@cache
 def _worker() -> ThreadPoolExecutor:
-    if not _pool:
-        _pool.append(ThreadPoolExecutor(1, thread_name_prefix="hamming-kmeans"))
-    return _pool[0]
+    return ThreadPoolExecutor(1, thread_name_prefix="hamming-kmeans")
 
 
 def _halves(codes: Tensor, mask: Tensor):
@@ -103,14 +102,13 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int) -> 
     # On a CPU the checks below cost nothing; on an accelerator they would synchronise, so there
     # every step takes the general path (same result).
     cpu = codes.device.type == "cpu"
-    all_valid = cpu and bool(mask.all())
-    valid = mask[:, None, :].expand(codes.shape[:3])
+    valid = None if cpu and bool(mask.all()) else mask[:, None, :].expand(codes.shape[:3])
     chunks = Chunks(codes, width=8 if codes.shape[2] >= WIDE_FROM else 4)
     centroids = _initial_centroids(codes, mask, num_clusters)
     for _ in range(iterations - 1):
-        assignment, similarity = assign(chunks, centroids, None if all_valid else valid)
+        assignment, similarity = assign(chunks, centroids, valid)
         centroids = _update(codes, chunks, assignment, similarity, mask, num_clusters, lazy=cpu)
-    return assign(chunks, centroids, None if all_valid else valid)[0], centroids
+    return assign(chunks, centroids, valid)[0], centroids
 
 
 # Chunk width by length: a table holds C·2^w rows per chunk position, whatever N, and the bag
@@ -154,10 +152,10 @@ class Chunks:
 def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each query (first one on ties) and its similarity b - 2 * Hamming.
 
-    centroids (B, h, C, b) of ±1, valid (B, h, N) or None when every query is valid. The similarities are small integers, exact
-    in float32; each is scaled by C and tagged with C - 1 - c so that one ``amax`` (far cheaper
-    than ``max`` with indices) yields both the largest similarity and, on ties, the first
-    centroid holding it.
+    centroids (B, h, C, b) of ±1, valid (B, h, N) or None when every query is valid. The
+    similarities are small integers, exact in float32; each is scaled by C and tagged with
+    C - 1 - c so that one ``amax`` (far cheaper than ``max`` with indices) yields both the largest
+    similarity and, on ties, the first centroid holding it.
     """
     batch, heads, length, nchunks = chunks.slots.shape
     clusters = centroids.shape[-2]

@@ -89,15 +89,15 @@ class ImprovedClusteredAttention(ClusteredAttention):
         values = layout.per_block(top_values * top_mass.unsqueeze(-1))
         queries = layout.to_blocks(q).view(-1, layout.block, d)
         if every_key:
-            # Scaled in place on the product's own output (its backward does not need it): no
-            # scaled copy of q.
-            scores = torch.bmm(queries, keys.view(-1, self.topk, d).transpose(-1, -2)).mul_(scale)
+            scores = torch.bmm(queries, keys.view(-1, self.topk, d).transpose(-1, -2))
         else:
-            queries = queries * scale
             silenced = torch.zeros_like(top_valid, dtype=q.dtype)
             silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
             scores = torch.baddbmm(layout.per_block(silenced).view(-1, 1, self.topk), queries,
                                    keys.view(-1, self.topk, d).transpose(-1, -2))
+        # Scaled in place on the product's own output (its backward does not need it): no scaled
+        # copy of q; a silenced slot stays far below every other.
+        scores.mul_(scale)
         exact = torch.softmax(scores, dim=-1)
         if self.training and self.dropout:
             exact = F.dropout(exact, self.dropout)
