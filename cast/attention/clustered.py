@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import Attention, require_positive
-from cast.attention.cluster_blocks import take_rows
+from cast.attention.cluster_blocks import in_storage_order, stored_rows, take_rows
 from cast.attention.hamming import hamming_kmeans, hash_codes
 
 
@@ -106,8 +106,8 @@ def centroid_means(q: Tensor, assignment: Tensor, num_clusters: int) -> Tensor:
     b, h, n, d = q.shape
     slots = num_clusters + 1
     cluster = assignment.masked_fill(assignment < 0, num_clusters)
-    flat = (cluster + slots * torch.arange(b * h, device=q.device).view(b, h, 1)).reshape(-1)
-    sums = q.new_zeros(b * h * slots, d).index_add(0, flat, q.reshape(-1, d))
+    flat = in_storage_order(cluster + slots * torch.arange(b * h, device=q.device).view(b, h, 1), q)
+    sums = q.new_zeros(b * h * slots, d).index_add(0, flat, stored_rows(q)[0])
     sizes = q.new_zeros(b * h * slots).index_add_(0, flat, q.new_ones(flat.shape))
     means = sums / sizes.clamp_min(1).unsqueeze(-1)
     return means.view(b, h, slots, d)[:, :, :num_clusters]

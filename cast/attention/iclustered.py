@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import key_padding_bias, require_positive
-from cast.attention.cluster_blocks import block_layout, block_size, take_rows
+from cast.attention.cluster_blocks import block_attention, block_layout, block_size, take_rows
 from cast.attention.clustered import ClusteredAttention
 
 
@@ -67,7 +67,7 @@ class ImprovedClusteredAttention(ClusteredAttention):
         # In place on the product's own output: its backward does not need it.
         scores = ((centroids * scale) @ k.transpose(-1, -2)).add_(key_padding_bias(mask, q.dtype))
         weights = torch.softmax(scores, dim=-1)
-        top_weights, top = weights.topk(self.topk, dim=-1)
+        top_weights, top = weights.topk(self.topk, dim=-1, sorted=False)  # any order: 1.5x faster
         # Where every key is valid (checked on a CPU only: on an accelerator it would synchronise)
         # no top slot needs silencing; a padded key's weight is 0 either way.
         every_key = q.device.type == "cpu" and bool(mask.all())
@@ -82,24 +82,8 @@ class ImprovedClusteredAttention(ClusteredAttention):
         rest = dropped @ v - (top_dropped.unsqueeze(-2) @ top_values).squeeze(-2)
 
         layout = block_layout(assignment, self.num_clusters, block_size(q.shape[-2], self.num_clusters))
-        d = q.shape[-1]
-        # Each block's copy of its cluster's top keys, gathered from k at once (no per-cluster copy
-        # in between, nor its gradient), and of its cluster's m̂-scaled top values.
-        keys = take_rows(k, layout.per_block(top).flatten(2))
-        values = layout.per_block(top_values * top_mass.unsqueeze(-1))
-        queries = layout.to_blocks(q).view(-1, layout.block, d)
-        if every_key:
-            scores = torch.bmm(queries, keys.view(-1, self.topk, d).transpose(-1, -2))
-        else:
-            silenced = torch.zeros_like(top_valid, dtype=q.dtype)
-            silenced.masked_fill_(~top_valid, torch.finfo(q.dtype).min)
-            scores = torch.baddbmm(layout.per_block(silenced).view(-1, 1, self.topk), queries,
-                                   keys.view(-1, self.topk, d).transpose(-1, -2))
-        # Scaled in place on the product's own output (its backward does not need it): no scaled
-        # copy of q; a silenced slot stays far below every other.
-        scores.mul_(scale)
-        exact = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout:
-            exact = F.dropout(exact, self.dropout)
-        rows = torch.baddbmm(layout.per_block(rest).view(-1, 1, d), exact, values.view(-1, self.topk, d))
-        return layout.from_blocks(rows.view(*layout.block_cluster.shape, layout.block, d))
+        silenced = None
+        if not every_key:
+            silenced = torch.zeros_like(top_valid, dtype=q.dtype).masked_fill_(~top_valid, torch.finfo(q.dtype).min)
+        return block_attention(q, k, top_values * top_mass.unsqueeze(-1), rest, top, silenced, layout, scale,
+                               self.dropout if self.training else 0.0)

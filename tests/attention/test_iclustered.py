@@ -9,7 +9,7 @@ import torch
 
 from cast.attention import clustered as clustered_module
 from cast.attention.base import key_padding_bias
-from cast.attention.cluster_blocks import block_layout, block_size
+from cast.attention.cluster_blocks import block_attention, block_layout, block_size
 from cast.attention.clustered import ClusteredAttention, per_query
 from cast.attention.iclustered import ImprovedClusteredAttention
 from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
@@ -117,6 +117,55 @@ def test_block_layout_puts_each_query_in_a_block_of_its_own_cluster(length, clus
     sizes = torch.stack([(assignment.clamp(min=0) == c).sum(-1) for c in range(clusters)], -1)
     needed = ((sizes + layout.block - 1) // layout.block).sum(-1).max()
     assert layout.blocks == needed, "no more blocks than the fullest (batch, head) needs"
+
+
+def per_query_block_attention(q, k, values, rest, top, bias, assignment, scale, dropout):
+    """block_attention by plain autograd, one (N, k, d) gather per query; the dropout mask is
+    drawn as block_attention draws it (per block slot), so the same seed gives the same mask."""
+    cluster = assignment.clamp(min=0)
+    own_top = per_query(top, cluster)
+    b, h, n, kk = own_top.shape
+    keys = k.gather(2, own_top.reshape(b, h, n * kk, 1).expand(-1, -1, -1, q.shape[-1])).view(b, h, n, kk, -1)
+    scores = torch.einsum("bhnd,bhnkd->bhnk", q, keys) * scale
+    if bias is not None:
+        scores = scores + per_query(bias, cluster)
+    return torch.softmax(scores, -1), lambda weights: per_query(rest, cluster) + torch.einsum(
+        "bhnk,bhnkd->bhnd", weights, per_query(values.flatten(3), cluster).view(b, h, n, kk, -1))
+
+
+@pytest.mark.parametrize("heads_from_projection", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_block_attention_gradients_equal_plain_autograd(heads_from_projection, dropout):
+    g = torch.Generator().manual_seed(5)
+    b, h, n, d, clusters, kk = 2, 3, 70, 8, 4, 6
+    if heads_from_projection:   # (B, h, N, d) as a transposed view of (B, N, h·d), as project() gives
+        q, k = (torch.randn(b, n, h, d, generator=g).transpose(1, 2) for _ in range(2))
+    else:
+        q, k = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
+    values = torch.randn(b, h, clusters, kk, d, generator=g)
+    rest = torch.randn(b, h, clusters, d, generator=g)
+    top = torch.stack([torch.randperm(n, generator=g)[:kk] for _ in range(b * h * clusters)]).view(b, h, clusters, kk)
+    bias = torch.zeros(b, h, clusters, kk).masked_fill_(torch.rand(b, h, clusters, kk, generator=g) < 0.2, -1e30)
+    assignment = torch.randint(0, clusters, (b, h, n), generator=g)
+    layout = block_layout(assignment, clusters, 8)
+    inputs = [t.requires_grad_() for t in (q, k, values, rest)]
+    out_grad = torch.randn(b, h, n, d, generator=g)
+
+    torch.manual_seed(0)
+    y = block_attention(*inputs, top, bias, layout, 0.3, dropout)
+    grads = torch.autograd.grad((y * out_grad).sum(), inputs)
+
+    weights, mix = per_query_block_attention(*inputs, top, bias, assignment, 0.3, dropout)
+    if dropout:  # the same mask: drawn over the block slots, read back at each query's slot
+        torch.manual_seed(0)
+        kept_slots = torch.rand(layout.blocks * layout.block * b * h, kk) >= dropout
+        kept = kept_slots.view(b, h, -1, kk).gather(2, layout.slot.unsqueeze(-1).expand(-1, -1, -1, kk))
+        weights = weights * kept / (1 - dropout)
+    expected = mix(weights)
+    expected_grads = torch.autograd.grad((expected * out_grad).sum(), inputs)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
 def test_more_accurate_than_plain_clustering_with_the_same_clusters():
