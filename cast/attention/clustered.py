@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import Attention, require_positive
-from cast.attention.cluster_blocks import in_storage_order, stored_rows, take_rows
+from cast.attention.cluster_blocks import in_storage_order, shaped_like, stored_rows, take_rows
 from cast.attention.hamming import hamming_kmeans, hash_codes
 
 
@@ -85,7 +85,7 @@ class ClusteredAttention(Attention):
         drop = self.dropout if self.training else 0.0
         key_mask = mask[:, None, None, :]
         out = F.scaled_dot_product_attention(centroids, k, v, attn_mask=key_mask, dropout_p=drop)
-        return per_query(out, assignment)
+        return per_query(out, assignment, like=q)
 
     @torch.no_grad()
     def cluster(self, q: Tensor, mask: Tensor) -> Tensor:
@@ -113,9 +113,16 @@ def centroid_means(q: Tensor, assignment: Tensor, num_clusters: int) -> Tensor:
     return means.view(b, h, slots, d)[:, :, :num_clusters]
 
 
-def per_query(t: Tensor, assignment: Tensor) -> Tensor:
+def per_query(t: Tensor, assignment: Tensor, like: Tensor | None = None) -> Tensor:
     """Each query's row of its cluster: t (B, h, C, X) -> (B, h, N, X).
 
-    Padded queries (-1) read cluster 0; their outputs are zeroed downstream.
+    Padded queries (-1) read cluster 0; their outputs are zeroed downstream. With ``like``
+    (B, h, N, ·) the result is laid out as ``like`` is stored (heads split from a projection:
+    merging the heads back is then a view, not a copy).
     """
-    return take_rows(t, assignment.clamp(min=0))
+    if like is None:
+        return take_rows(t, assignment.clamp(min=0))
+    b, h, clusters, x = t.shape
+    group = torch.arange(b * h, device=t.device).view(b, h, 1)
+    index = in_storage_order(assignment.clamp(min=0) + group * clusters, like)
+    return shaped_like(t.reshape(-1, x).index_select(0, index), like)

@@ -117,7 +117,7 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int) -> 
     # every step takes the general path (same result).
     cpu = codes.device.type == "cpu"
     valid = None if cpu and bool(mask.all()) else mask[:, None, :].expand(codes.shape[:3])
-    chunks = Chunks(codes, width=8 if codes.shape[2] >= WIDE_FROM else 4)
+    chunks = Chunks(codes, 8 if codes.shape[2] >= WIDE_FROM else 4, num_clusters)
     centroids = _initial_centroids(codes, mask, num_clusters)
     for _ in range(iterations - 1):
         assignment, similarity = assign(chunks, centroids, valid)
@@ -134,10 +134,13 @@ WIDE_FROM = 4096
 class Chunks:
     """Codes (B, h, N, b) cut into J = ceil(b / w) chunks of w bits (bit t of chunk j is code bit
     w·j + t > 0; bits past b are 0): ``slots`` (B, h, N, J) = 2^w·j + value of chunk j, the row
-    of each chunk in a (J, 2^w) table, and ``patterns`` (2^w, w), the ±1 bits of every value."""
+    of each chunk in a (J, 2^w) table, and ``patterns`` (2^w, w), the ±1 bits of every value.
+    What every K-means iteration reuses is made here once (each tensor op costs ~10 µs of
+    dispatch, and an iteration has a few dozen of them at 1K queries)."""
 
-    def __init__(self, codes: Tensor, width: int):
+    def __init__(self, codes: Tensor, width: int, num_clusters: int):
         device, bits = codes.device, codes.shape[-1]
+        batch, heads, length = codes.shape[:3]
         self.width, self.values = width, 1 << width
         # value of chunk j = sum over its bits t of 2^t (x + 1) / 2: one matmul of the ±1 codes.
         bit = torch.arange(bits, device=device)
@@ -146,21 +149,29 @@ class Chunks:
         weights = in_chunk * 2.0 ** (bit % width)[:, None]
         offsets = float(self.values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
         values = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2)
-        self.slots = values.long().view(*codes.shape[:3], nchunks)
+        self.slots = values.long().view(batch, heads, length, nchunks)
         # The same rows in the tables of all (batch, head) pairs stacked, for the bag sums.
-        groups = torch.arange(codes.shape[0] * codes.shape[1], device=device).view(*codes.shape[:2], 1, 1)
+        groups = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1)
         self.rows = (self.slots + groups * (nchunks * self.values)).view(-1, nchunks)
         values = torch.arange(self.values, device=device)
         self.patterns = ((values[:, None] >> torch.arange(width, device=device)) & 1).float() * 2 - 1
+        # assign(): similarities scaled by C, and C - 1 - c added once (in chunk 0's rows) as the
+        # tie-break tag of centroid c.
+        self.scaled = (self.patterns * num_clusters).expand(batch * heads * nchunks, -1, -1)
+        tag = torch.zeros(nchunks, self.values, num_clusters, device=device)
+        tag[0] += torch.arange(num_clusters - 1, -1, -1, device=device, dtype=tag.dtype)
+        self.tag = tag.expand(batch * heads, -1, -1, -1).reshape(-1, self.values, num_clusters)
+        # _vote(): the count of chunk j's value in cluster c of group g sits at
+        # ((g·(C + 1) + c)·J + j)·2^w + value; C + 1 is a spare cluster for padded queries.
+        self.vote_base = (self.slots + groups * ((num_clusters + 1) * nchunks * self.values)).view(-1, nchunks)
+        self.ones = torch.ones(self.vote_base.numel(), device=device)
 
-    def table(self, centroids: Tensor, scale: float = 1.0) -> Tensor:
-        """(B, h, J, 2^w, C): scale · <chunk value v, centroid c's chunk j> over the chunk's bits.
-
-        Bits past b are 0 in the padded centroids, so they add nothing.
-        """
+    def table(self, centroids: Tensor) -> Tensor:
+        """(B·h·J, 2^w, C): C · <chunk value v, centroid c's chunk j> over the chunk's bits, plus
+        the tag C - 1 - c in chunk 0. Bits past b are 0 in the padded centroids: they add nothing."""
         bits = centroids.shape[-1]
         padded = F.pad(centroids.float(), (0, -bits % self.width)).unflatten(-1, (-1, self.width))
-        return (self.patterns * scale) @ padded.permute(0, 1, 3, 4, 2)
+        return torch.baddbmm(self.tag, self.scaled, padded.permute(0, 1, 3, 4, 2).reshape(self.tag.shape[0], self.width, -1))
 
 
 def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -171,11 +182,9 @@ def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Ten
     C - 1 - c so that one ``amax`` (far cheaper than ``max`` with indices) yields both the largest
     similarity and, on ties, the first centroid holding it.
     """
-    batch, heads, length, nchunks = chunks.slots.shape
+    batch, heads, length, _ = chunks.slots.shape
     clusters = centroids.shape[-2]
-    table = chunks.table(centroids, scale=clusters)
-    table[:, :, 0] += torch.arange(clusters - 1, -1, -1, device=table.device, dtype=table.dtype)
-    tagged = F.embedding_bag(chunks.rows, table.view(-1, clusters), mode="sum")
+    tagged = F.embedding_bag(chunks.rows, chunks.table(centroids).view(-1, clusters), mode="sum")
     best = tagged.amax(-1).long().view(batch, heads, length)
     assignment = (clusters - 1) - best.remainder(clusters)
     similarity = best.div(clusters, rounding_mode="floor")
@@ -203,13 +212,11 @@ def _vote(chunks: Chunks, assignment: Tensor, num_clusters: int, bits: int) -> t
     spare cluster C that is dropped), then sums the bits of those values.
     """
     batch, heads, length, nchunks = chunks.slots.shape
-    spare, device = num_clusters + 1, chunks.slots.device
-    cluster = assignment.masked_fill(assignment < 0, num_clusters)
-    groups = torch.arange(batch * heads, device=device).view(batch, heads, 1)
-    owner = (cluster + spare * groups) * (nchunks * chunks.values)
-    index = (chunks.slots + owner.unsqueeze(-1)).view(-1)
-    counts = torch.zeros(batch * heads * spare * nchunks * chunks.values, device=device)
-    counts.scatter_add_(0, index, torch.ones(index.shape, device=device))
+    spare = num_clusters + 1
+    cluster = assignment.masked_fill(assignment < 0, num_clusters).view(-1, 1)
+    index = torch.add(chunks.vote_base, cluster, alpha=nchunks * chunks.values).view(-1)
+    counts = chunks.ones.new_zeros(batch * heads * spare * nchunks * chunks.values)
+    counts.scatter_add_(0, index, chunks.ones)
     counts = counts.view(batch, heads, spare, nchunks, chunks.values)
     sums = F.linear(counts, chunks.patterns.t()).flatten(-2)[:, :, :num_clusters, :bits]
     return sums, counts[:, :, :num_clusters, 0].sum(-1)

@@ -81,7 +81,7 @@ def test_table_assignment_equals_the_float_matmul_form(width, bits):
     # Centroids copied from codes make exact ties with other codes likely at 13 bits.
     centroids = torch.cat([codes[:, :, :6], random_codes((2, 3, 3, bits), seed=1)], dim=2)
     valid = torch.ones(2, 3, 50, dtype=torch.bool)
-    assignment, similarity = assign(Chunks(codes, width), centroids, valid)
+    assignment, similarity = assign(Chunks(codes, width, centroids.shape[2]), centroids, valid)
     expected = codes @ centroids.transpose(-1, -2)
     assert torch.equal(assignment, expected.argmax(-1)), "nearest centroid, the first one on ties"
     assert torch.equal(similarity.float(), expected.amax(-1))
