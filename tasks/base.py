@@ -135,6 +135,17 @@ def _read_json(path: Path):
         return None
 
 
+def compacted(rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rows without their padding: each row's real tokens first, in order, padded to the longest
+    row of the batch, and ``positions`` (B, L), each token's place in the full sequence, which the
+    embedding's position tables read. Attention then costs what the real tokens need."""
+    mask = rows["mask"]
+    keep = max(int(mask.sum(1).max()), 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :keep]
+    return {**rows, "input_ids": rows["input_ids"].gather(1, order), "mask": mask.gather(1, order),
+            "positions": order}
+
+
 class LRADataModule(L.LightningDataModule):
     """Base datamodule: subclasses provide ``build_split``, ``source_files`` and the class attributes below."""
 
@@ -147,6 +158,7 @@ class LRADataModule(L.LightningDataModule):
     vocab_size: int = 256
     is_pair: bool = False
     pixel0_is_padding: bool = False  # image tasks: black pixels become padding (the LRA code's habit)
+    compact: bool = False  # image tasks: padding leaves the sequence, real tokens keep their positions
     generate: bool = False  # tasks with a generator: generate missing or stale data on first use
 
     def __init__(
@@ -243,7 +255,7 @@ class LRADataModule(L.LightningDataModule):
                 ids = rows[f"input_ids{suffix}"] = rows[f"input_ids{suffix}"].long()
                 rows[f"mask{suffix}"] = ids != 0
         rows["label"] = rows["label"].long()
-        return rows
+        return compacted(rows) if self.compact else rows
 
     def rows(self, split: str, index: Sequence[int] | Tensor | None = None) -> dict[str, Tensor]:
         """Rows of a split (all by default) exactly as batches carry them."""

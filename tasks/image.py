@@ -9,7 +9,8 @@ bool (M, N), ``label`` long (M,).
 
 ``pixel0_is_padding`` (default false): the LRA code derived its padding mask from the input
 (``inputs > 0``), so black pixels were masked out of attention. True reproduces that: black
-pixels get id 0 and mask False. The default keeps every pixel a real token.
+pixels get id 0 and mask False. The default keeps every pixel a real token. ``compact`` (default
+false) takes padding out of each batch, each token keeping its place in the image as its position.
 
 Splits, fixed as in LRA: train = the first 90% of CIFAR-10's training set (45,000), val = the
 last 10% (5,000), test = the 10,000 test images.
@@ -69,14 +70,14 @@ class ImageDataModule(LRADataModule):
     vocab_size = 257
 
     def __init__(self, data_dir: str, max_length: int = SIDE * SIDE, source: str = "hf",
-                 pixel0_is_padding: bool = False, **kw):
+                 pixel0_is_padding: bool = False, compact: bool = False, **kw):
         super().__init__(data_dir, max_length, **kw)
         require_choice("task", self.name, "source", source, SOURCES)
         if not 1 <= max_length <= SIDE * SIDE:
             raise option_error("task", self.name, "max_length", max_length,
                                f"at most {SIDE * SIDE}, the pixels of a CIFAR-10 image")
         self.source = source
-        self.pixel0_is_padding = pixel0_is_padding
+        self.pixel0_is_padding, self.compact = pixel0_is_padding, compact
 
     def cache_key(self) -> dict:
         return {**super().cache_key(), "source": self.source}

@@ -10,6 +10,8 @@ release has one). LRA Pathfinder is R = 32 (1,024 tokens) and Path-X R = 128 (16
 Tokens: the pixels row by row, intensity v → id v + 1, id 0 = padding (vocab_size 257). With
 ``pixel0_is_padding`` black pixels become padding (id 0, mask False), as the LRA code did; off
 by default, since black is most of every image and the masked mean pooling would ignore it.
+``compact`` then takes the padding out of each batch: the inked pixels alone, with their places
+in the image as positions (``positions`` in the batch), so attention costs what the ink needs.
 Split: all readable images in (batch, line) order, permuted with ``split_seed``, 80/10/10.
 
 Shapes: M images, N = R² tokens. The cache holds uint8 pixels (M, N); the base class widens them
@@ -122,6 +124,7 @@ class PathfinderDataModule(LRADataModule):
         resolution: int = 32,
         difficulty: str = "hard",
         pixel0_is_padding: bool = False,
+        compact: bool = False,
         split_seed: int = 0,
         generate: bool = False,
         generate_count: int = 200_000,
@@ -136,6 +139,7 @@ class PathfinderDataModule(LRADataModule):
                                f"{resolution ** 2}, the pixels of task.resolution={resolution} images")
         self.resolution, self.difficulty = resolution, difficulty
         self.pixel0_is_padding, self.split_seed = pixel0_is_padding, split_seed
+        self.compact = compact
         self.generate, self.generate_count, self.generate_seed = generate, generate_count, generate_seed
         self.decode_workers = decode_workers
         if resolution != 32:

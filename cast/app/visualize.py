@@ -129,6 +129,10 @@ def draw_samples(ids: np.ndarray, labels: np.ndarray, side: int | None, title: s
 
 
 def first_batch(datamodule, split: str, n: int) -> dict[str, torch.Tensor]:
+    """The first ``n`` rows of a split, whole: drawings need every pixel in its place, so a
+    ``task.compact`` run is shown its batches with the padding masked instead of taken out (the
+    same outputs, padding never being attended)."""
+    datamodule.compact = False
     datamodule.setup()
     loader = {"train": datamodule.train_dataloader, "val": datamodule.val_dataloader,
               "test": datamodule.test_dataloader}[split]()

@@ -47,15 +47,15 @@ class LRAClassifier(nn.Module):
         d_in = d_model * (1 if not pair else 2 if pair_features == "concat" else 4)
         self.head = mlp_head(d_in, mlp_dim, num_classes)
 
-    def encode(self, ids: Tensor, mask: Tensor) -> Tensor:
-        """ids, mask (B, N) -> pooled (B, D)."""
-        x, mask = self.embedding(ids, mask)
+    def encode(self, ids: Tensor, mask: Tensor, positions: Tensor | None = None) -> Tensor:
+        """ids, mask (B, N) and, for compacted batches, positions (B, N) -> pooled (B, D)."""
+        x, mask = self.embedding(ids, mask, positions)
         return pool(self.encoder(self.dropout(x), mask), mask, self.pooling)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """A task batch -> logits (B, C). Pair tasks encode both documents with one encoder."""
         if not self.pair:
-            return self.head(self.encode(batch["input_ids"], batch["mask"]))
+            return self.head(self.encode(batch["input_ids"], batch["mask"], batch.get("positions")))
         ids = torch.cat([batch["input_ids"], batch["input_ids_2"]])
         mask = torch.cat([batch["mask"], batch["mask_2"]])
         u, v = self.encode(ids, mask).chunk(2)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-POSITIONS = ("sinusoidal", "learned", "none")
+POSITIONS = ("sinusoidal", "sinusoidal2d", "learned", "none")
 
 
 def sinusoidal_table(length: int, dim: int) -> Tensor:
@@ -21,6 +21,22 @@ def sinusoidal_table(length: int, dim: int) -> Tensor:
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: dim // 2])
     return table
+
+
+def grid_table(length: int, dim: int) -> Tensor:
+    """Sin/cos positions of a square image read row by row, (length, dim), length = side².
+
+    The first half of the channels encodes the row, the second half the column, each with
+    :func:`sinusoidal_table`, so a dot product of two positions depends on their 2-D offset.
+    """
+    side = math.isqrt(length)
+    if side * side != length or dim % 4:
+        raise ValueError(f"model.positions=sinusoidal2d needs a square image (max_length={length}) "
+                         f"and d_model divisible by 4 (d_model={dim})")
+    axis = sinusoidal_table(side, dim // 2)
+    rows = axis[:, None, :].expand(side, side, dim // 2)
+    cols = axis[None, :, :].expand(side, side, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(length, dim)
 
 
 class Embedding(nn.Module):
@@ -38,21 +54,32 @@ class Embedding(nn.Module):
         self.tokens = nn.Embedding(vocab_size + int(cls), d_model, padding_idx=0)
         length = max_length + int(cls)
         self.learned = nn.Embedding(length, d_model) if positions == "learned" else None
-        table = sinusoidal_table(length, d_model) if positions == "sinusoidal" else torch.zeros(length, d_model)
+        if positions == "sinusoidal":
+            table = sinusoidal_table(length, d_model)
+        elif positions == "sinusoidal2d":   # the CLS token, if any, at position 0 gets zeros
+            table = torch.cat([torch.zeros(int(cls), d_model), grid_table(max_length, d_model)])
+        else:
+            table = torch.zeros(length, d_model)
         self.register_buffer("table", table, persistent=False)
         self.scale = math.sqrt(d_model)
 
-    def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``positions`` (B, N): each token's place in the full sequence (default 0..N-1), for
+        batches whose padding was taken out (``task.compact``)."""
         if self.cls:
             ids = torch.cat([torch.full_like(ids[:, :1], self.cls_id), ids], dim=1)
             mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            if positions is not None:
+                positions = torch.cat([torch.zeros_like(positions[:, :1]), positions + 1], dim=1)
         n = ids.shape[1]
-        if n > self.table.shape[0]:
+        longest = n if positions is None else int(positions.max()) + 1
+        if longest > self.table.shape[0]:
             raise ValueError(
-                f"sequence of {n} tokens exceeds the model's max_length {self.table.shape[0]}; "
+                f"sequence of {longest} tokens exceeds the model's max_length {self.table.shape[0]}; "
                 "raise task.max_length"
             )
-        x = self.tokens(ids) * self.scale + self.table[:n]
+        table = self.table[:n] if positions is None else self.table[positions]
+        x = self.tokens(ids) * self.scale + table
         if self.learned is not None:
-            x = x + self.learned.weight[:n]
+            x = x + (self.learned.weight[:n] if positions is None else self.learned(positions))
         return x, mask

@@ -40,6 +40,33 @@ def test_logits_shape_and_padding_invariance(pooling, positions):
     torch.testing.assert_close(model(other), logits)
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("positions", ["sinusoidal", "sinusoidal2d", "learned"])
+def test_a_compacted_batch_gives_the_logits_of_the_masked_one(pooling, positions):
+    from tasks.base import compacted
+
+    model = make(pooling=pooling, positions=positions)
+    b = batch()
+    g = torch.Generator().manual_seed(3)
+    b["mask"] = torch.rand(b["mask"].shape, generator=g) < 0.5   # padding scattered, as black pixels
+    b["mask"][:, 0] = True
+    b["input_ids"] = b["input_ids"].clamp(min=1) * b["mask"]
+    packed = compacted(b)
+    assert packed["input_ids"].shape[1] < b["input_ids"].shape[1]
+    torch.testing.assert_close(model(packed), model(b), rtol=1e-5, atol=1e-5)
+
+
+def test_2d_positions_depend_on_row_and_column():
+    from cast.models.embedding import grid_table
+
+    table = grid_table(16, 8).view(4, 4, 8)
+    assert torch.equal(table[1, 2, :4], table[1, 3, :4]), "first half: the row"
+    assert torch.equal(table[1, 2, 4:], table[3, 2, 4:]), "second half: the column"
+    assert not torch.equal(table[1, 2], table[2, 1])
+    with pytest.raises(ValueError, match="square"):
+        grid_table(15, 8)
+
+
 def test_masked_mean_pool_ignores_padding():
     x = torch.tensor([[[1.0], [3.0], [100.0]]])
     mask = torch.tensor([[True, True, False]])

@@ -124,6 +124,19 @@ def test_pixel0_is_padding_masks_black_pixels(generated):
     assert torch.equal(ids == 0, ~mask) and int(ids[mask].min()) >= 2
 
 
+def test_compact_keeps_only_the_ink_with_its_places_in_the_image(generated):
+    full = PathfinderDataModule(str(generated), pixel0_is_padding=True)
+    compact = PathfinderDataModule(str(generated), pixel0_is_padding=True, compact=True)
+    rows, packed = full.rows("val"), compact.rows("val")
+    assert packed["input_ids"].shape[1] == int(rows["mask"].sum(1).max()) < 1024 / 2
+    assert torch.equal(packed["mask"].sum(1), rows["mask"].sum(1))
+    assert torch.equal(packed["input_ids"] != 0, packed["mask"]), "real tokens first, padding after"
+    positions = packed["positions"]
+    assert (positions[:, 1:] > positions[:, :-1])[packed["mask"][:, 1:]].all(), "image order kept"
+    image = torch.zeros_like(rows["input_ids"]).scatter_(1, positions, packed["input_ids"] * packed["mask"])
+    assert torch.equal(image, rows["input_ids"]), "every inked pixel back in its place"
+
+
 def test_malformed_metadata_names_the_file_and_line(copy):
     data = copy()
     meta = data / FOLDER / "metadata" / "1.npy"
