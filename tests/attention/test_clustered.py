@@ -111,6 +111,7 @@ def test_kmeans_split_over_a_worker_thread_equals_the_float_matmul_lloyd(monkeyp
     expected_assignment, expected_centroids = lloyd_reference(codes, mask, 6, iterations=5)
     assert torch.equal(assignment, expected_assignment)
     assert torch.equal(centroids, expected_centroids)
+    assert torch.get_num_threads() == 2, "the halves run on one thread each, then the count is restored"
 
 
 def test_kmeans_recovers_well_separated_groups_even_from_a_bad_start():
