@@ -8,14 +8,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "max")
 PAIR_FEATURES = ("full", "concat")
 
 
 def pool(x: Tensor, mask: Tensor, mode: str) -> Tensor:
-    """(B, N, D) -> (B, D): the first (CLS) token, or the mean over real tokens."""
+    """(B, N, D) -> (B, D): the first (CLS) token, or the mean or the largest value of each
+    feature over real tokens."""
     if mode == "cls":
         return x[:, 0]
+    if mode == "max":
+        return x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
     weights = mask.unsqueeze(-1).to(x.dtype)
     return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 

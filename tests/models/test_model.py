@@ -28,7 +28,7 @@ def batch(b=3, n=16, valid=(16, 9, 1), seed=0):
     return {"input_ids": ids * mask, "mask": mask, "label": torch.zeros(b, dtype=torch.long)}
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "max"])
 @pytest.mark.parametrize("positions", ["sinusoidal", "learned", "none"])
 def test_logits_shape_and_padding_invariance(pooling, positions):
     model = make(pooling=pooling, positions=positions)
@@ -72,6 +72,12 @@ def test_masked_mean_pool_ignores_padding():
     mask = torch.tensor([[True, True, False]])
     assert pool(x, mask, "mean").item() == 2.0
     assert pool(x, mask, "cls").item() == 1.0
+
+
+def test_max_pool_takes_the_largest_real_value_of_each_feature():
+    x = torch.tensor([[[1.0, -5.0], [3.0, -7.0], [100.0, 50.0]]])
+    mask = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(pool(x, mask, "max"), torch.tensor([[3.0, -5.0]]))
 
 
 @pytest.mark.parametrize("features,width", [("full", 4), ("concat", 2)])
