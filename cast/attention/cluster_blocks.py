@@ -86,25 +86,9 @@ class BlockLayout:
     def blocks(self) -> int:
         return self.block_cluster.shape[-1]
 
-    def to_blocks(self, t: Tensor) -> Tensor:
-        """Per-query rows t (B, h, N, X) -> (B, h, M, T, X)."""
-        b, h, _, x = t.shape
-        return take_rows(t, self.query).view(b, h, self.blocks, self.block, x)
-
-    def from_blocks(self, t: Tensor) -> Tensor:
-        """Block rows t (B, h, M, T, X) -> each query's row (B, h, N, X)."""
-        b, h, _, _, x = t.shape
-        return take_rows(t.reshape(b, h, self.blocks * self.block, x), self.slot)
-
     def per_block(self, t: Tensor) -> Tensor:
         """Each block's row of its cluster: t (B, h, C, ...) -> (B, h, M, ...)."""
         return take_rows(t.flatten(3), self.block_cluster).view(*self.block_cluster.shape, *t.shape[3:])
-
-    def flat(self, index: Tensor, rows: int) -> Tensor:
-        """``index`` (B, h, X) into per-(batch, head) tables of ``rows`` rows, as one flat index
-        into the (B·h·rows) rows of all of them."""
-        offsets = rows * torch.arange(index.shape[0] * index.shape[1], device=index.device)
-        return (index + offsets.view(*index.shape[:2], 1)).reshape(-1)
 
 
 @torch.no_grad()
