@@ -97,11 +97,20 @@ def _worker() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="hamming-kmeans")
 
 
+@cache
+def _per_thread_counts() -> bool:
+    """Whether torch's intra-op thread count is set per thread (the OpenMP backend). With the
+    native backend it is fixed once parallel work has started, and the halves would compete."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _halves(codes: Tensor, mask: Tensor):
     """(dim, ((codes, mask), (codes, mask))): two halves over heads, else over the batch; or
-    None where a split does not pay (an accelerator, one torch thread, small inputs, one row)."""
+    None where a split does not pay (an accelerator, one torch thread, small inputs, one row, a
+    thread count that cannot be lowered per thread)."""
     batch, heads = codes.shape[:2]
-    if codes.device.type != "cpu" or torch.get_num_threads() < 2 or codes.numel() < SPLIT_FROM:
+    if (codes.device.type != "cpu" or torch.get_num_threads() < 2 or codes.numel() < SPLIT_FROM
+            or not _per_thread_counts()):
         return None
     if heads > 1:
         cut = heads // 2
