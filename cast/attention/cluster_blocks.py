@@ -178,7 +178,8 @@ class _BlockAttention(torch.autograd.Function):
         rows = torch.baddbmm(block_rest.to(weights.dtype), dropped, block_values.to(weights.dtype))
         del block_values, block_rest, dropped
         ctx.save_for_backward(q, k, values, weights, kept, *index)
-        ctx.rest_shape, ctx.rest_dtype, ctx.block, ctx.scale, ctx.dropout = rest.shape, rest.dtype, block, scale, dropout
+        ctx.rest_shape, ctx.rest_dtype = rest.shape, rest.dtype
+        ctx.block, ctx.scale, ctx.dropout = block, scale, dropout
         return shaped_like(rows.view(-1, d).index_select(0, in_storage_order(slot_of_query, q)), q)
 
     @staticmethod
@@ -195,7 +196,8 @@ class _BlockAttention(torch.autograd.Function):
         grad_rest = grad_values = grad_q = grad_k = None
         if need_rest:
             grad_rest = grad_rows.new_zeros(ctx.rest_shape.numel() // d, d)
-            grad_rest = grad_rest.index_add_(0, cluster_of_block, grad_rows.sum(1)).view(ctx.rest_shape).to(ctx.rest_dtype)
+            grad_rest = grad_rest.index_add_(0, cluster_of_block, grad_rows.sum(1))
+            grad_rest = grad_rest.view(ctx.rest_shape).to(ctx.rest_dtype)
         dropped = weights if kept is None else weights * kept / (1 - ctx.dropout)
         if need_values:
             per_block = torch.bmm(dropped.transpose(1, 2), grad_rows).view(-1, topk * d)

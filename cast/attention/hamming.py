@@ -180,7 +180,8 @@ class Chunks:
         the tag C - 1 - c in chunk 0. Bits past b are 0 in the padded centroids: they add nothing."""
         bits = centroids.shape[-1]
         padded = F.pad(centroids.float(), (0, -bits % self.width)).unflatten(-1, (-1, self.width))
-        return torch.baddbmm(self.tag, self.scaled, padded.permute(0, 1, 3, 4, 2).reshape(self.tag.shape[0], self.width, -1))
+        per_chunk = padded.permute(0, 1, 3, 4, 2).reshape(self.tag.shape[0], self.width, -1)
+        return torch.baddbmm(self.tag, self.scaled, per_chunk)
 
 
 def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
