@@ -129,7 +129,7 @@ def test_two_identical_cpu_runs_are_identical(tiny_cfg, tmp_path):
 
 def test_failed_run_records_the_error(tiny_cfg, tmp_path):
     with pytest.raises(Exception, match="pooling"):
-        train(tiny_cfg("attention=vanilla", "model.pooling=max"))
+        train(tiny_cfg("attention=vanilla", "model.pooling=median"))
     saved = read_results(tmp_path / "run")
     assert saved["status"] == "failed" and "pooling" in saved["error"]
 

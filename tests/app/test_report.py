@@ -139,11 +139,11 @@ def test_a_failed_cluster_count_is_no_column_and_the_axis_counts_in_powers_of_tw
 
 @pytest.fixture(scope="module")
 def sweep(listops_dir, tmp_path_factory) -> Path:
-    """A real 2 (layers) × 2 (seeds) multirun, plus two jobs that fail (pooling=max is invalid)."""
+    """A real 2 (layers) × 2 (seeds) multirun, plus two jobs that fail (pooling=median is invalid)."""
     out = tmp_path_factory.mktemp("sweep")
     done = subprocess.run(
         [sys.executable, "train.py", "-m", *TINY, f"task.data_dir={listops_dir}", "attention=vanilla",
-         "model.n_layers=1,2", "seed=0,1", "model.pooling=cls,max", f"hydra.sweep.dir={out}"],
+         "model.n_layers=1,2", "seed=0,1", "model.pooling=cls,median", f"hydra.sweep.dir={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -180,8 +180,8 @@ def test_report_of_a_real_sweep_matches_its_results_files(sweep, tmp_path):
             statistics.fmean(minutes), abs=1e-9)
     md = (tmp_path / "report.md").read_text()
     table, listed = md.split("## Failed or unfinished runs")
-    assert "pooling=max" not in table and "model.pooling=max" in listed
-    assert listed.count("| failed |") == 4 and listed.count("model.pooling='max' is not one of") == 4
+    assert "pooling=median" not in table and "model.pooling=median" in listed
+    assert listed.count("| failed |") == 4 and listed.count("model.pooling='median' is not one of") == 4
     assert "8 runs: 4 finished, 4 failed or unfinished." in md
     assert "failed or unfinished runs:" in done.stdout
 
