@@ -19,32 +19,37 @@ import torch
 from torch import Tensor
 
 
-def stored_rows(t: Tensor) -> tuple[Tensor, Tensor, int]:
-    """t (B, h, N, X) as rows (B·h·N, X) in the order of its storage, with the row of position 0
-    of each (batch, head) (B, h, 1) and the step between positions.
+def _heads_interleaved(t: Tensor) -> bool:
+    """Whether t (B, h, N, X) is stored as (B, N, h, X): heads split from a (B, N, h·X)
+    projection are such a transposed view."""
+    return t.shape[1] > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
 
-    Heads split from a (B, N, h·X) projection are a transposed view: its rows come in (B, N, h)
-    order with step h, and reading them that way avoids a copy of the whole tensor.
-    """
-    b, h, n, x = t.shape
-    group = torch.arange(b * h, device=t.device).view(b, h, 1)
-    if h > 1 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous():
-        return t.transpose(1, 2).reshape(-1, x), (group // h) * (n * h) + group % h, h
-    return t.reshape(-1, x), group * n, 1
+
+def stored_rows(t: Tensor) -> Tensor:
+    """t (B, h, N, X) as rows (B·h·N, X) in the order of its storage: for heads split from a
+    projection, (B, N, h) order, which reading that way avoids a copy of the whole tensor."""
+    return (t.transpose(1, 2) if _heads_interleaved(t) else t).reshape(-1, t.shape[-1])
+
+
+def row_numbers(t: Tensor, index: Tensor) -> Tensor:
+    """Positions ``index`` (B, h, M) of each (batch, head) of t (B, h, N, X) as flat row numbers
+    (B·h·M,) into :func:`stored_rows` of t."""
+    b, h, n, _ = t.shape
+    group = torch.arange(b * h, device=index.device).view(b, h, 1)
+    if _heads_interleaved(t):
+        return (index * h + (group // h) * (n * h) + group % h).reshape(-1)
+    return (index + group * n).reshape(-1)
 
 
 def in_storage_order(index: Tensor, like: Tensor) -> Tensor:
     """Per-position values ``index`` (B, h, N) flattened in the row order of ``like``'s storage."""
-    _, h, _, _ = like.shape
-    if h > 1 and not like.is_contiguous() and like.transpose(1, 2).is_contiguous():
-        return index.transpose(1, 2).reshape(-1)
-    return index.reshape(-1)
+    return (index.transpose(1, 2) if _heads_interleaved(like) else index).reshape(-1)
 
 
 def shaped_like(rows: Tensor, like: Tensor) -> Tensor:
     """Rows (B·h·N, X) in the storage order of ``like`` (B, h, N, ·) -> (B, h, N, X), strided like it."""
     b, h, n, _ = like.shape
-    if h > 1 and not like.is_contiguous() and like.transpose(1, 2).is_contiguous():
+    if _heads_interleaved(like):
         return rows.view(b, n, h, -1).transpose(1, 2)
     return rows.view(b, h, n, -1)
 
@@ -56,8 +61,7 @@ def take_rows(t: Tensor, index: Tensor) -> Tensor:
     ``gather`` with an index expanded over X and its ``scatter_add`` backward.
     """
     b, h, _, x = t.shape
-    rows, first, step = stored_rows(t)
-    return rows.index_select(0, (index * step + first).reshape(-1)).view(b, h, index.shape[-1], x)
+    return stored_rows(t).index_select(0, row_numbers(t, index)).view(b, h, index.shape[-1], x)
 
 
 def block_size(length: int, num_clusters: int) -> int:
@@ -131,20 +135,22 @@ def block_attention(q: Tensor, k: Tensor, values: Tensor, rest: Tensor, top: Ten
     """
     b, h, _, _ = q.shape
     clusters, slots = top.shape[2], layout.blocks * layout.block
-    _, q_first, q_step = stored_rows(q)
-    _, k_first, k_step = stored_rows(k)
     group = torch.arange(b * h, device=q.device).view(b, h, 1)
-    index = ((layout.query * q_step + q_first).reshape(-1),
-             (layout.per_block(top).flatten(2) * k_step + k_first).reshape(-1),
-             (layout.block_cluster + group * clusters).reshape(-1),
-             layout.slot + group * slots)
+    index = (row_numbers(q, layout.query), row_numbers(k, layout.per_block(top).flatten(2)),
+             (layout.block_cluster + group * clusters).reshape(-1), layout.slot + group * slots)
     extra = bias if bias is None else bias.reshape(b * h * clusters, 1, -1).to(q.dtype)
     return _BlockAttention.apply(q, k, values, rest, extra, index, layout.block, scale, dropout)
 
 
 def _blocks(t: Tensor, index: Tensor, width: int) -> Tensor:
-    """Stored rows of t (:func:`stored_rows`) at ``index``, as (M, width, X)."""
-    return stored_rows(t)[0].index_select(0, index).view(-1, width, t.shape[-1])
+    """Rows (:func:`stored_rows`) of t at ``index``, as (M, width, X)."""
+    return stored_rows(t).index_select(0, index).view(-1, width, t.shape[-1])
+
+
+def _cluster_values(values: Tensor, cluster_of_block: Tensor) -> Tensor:
+    """Each block's copy of its cluster's values (B, h, C, k, d): (M, k, d)."""
+    topk, d = values.shape[-2:]
+    return values.reshape(-1, topk * d).index_select(0, cluster_of_block).view(-1, topk, d)
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -173,7 +179,7 @@ class _BlockAttention(torch.autograd.Function):
             dropped = weights * kept / (1 - dropout)
         else:
             dropped = weights
-        block_values = values.reshape(-1, topk * d).index_select(0, cluster_of_block).view(-1, topk, d)
+        block_values = _cluster_values(values, cluster_of_block)
         block_rest = rest.reshape(-1, d).index_select(0, cluster_of_block).unsqueeze(1)
         rows = torch.baddbmm(block_rest.to(weights.dtype), dropped, block_values.to(weights.dtype))
         del block_values, block_rest, dropped
@@ -191,7 +197,7 @@ class _BlockAttention(torch.autograd.Function):
         # Each temporary is freed as soon as it is used: the peak of this pass is what bounds the
         # layer's memory. Slots that hold no query (block padding) are never read: gradient 0.
         grad_rows = grad.new_zeros(slots, d, dtype=dtype)
-        grad_rows.index_copy_(0, in_storage_order(slot_of_query, grad), stored_rows(grad)[0].to(dtype))
+        grad_rows.index_copy_(0, in_storage_order(slot_of_query, grad), stored_rows(grad).to(dtype))
         grad_rows = grad_rows.view(-1, ctx.block, d)
         grad_rest = grad_values = grad_q = grad_k = None
         if need_rest:
@@ -207,7 +213,7 @@ class _BlockAttention(torch.autograd.Function):
         del dropped
         if not (need_q or need_k):
             return grad_q, grad_k, grad_values, grad_rest, None, None, None, None, None
-        block_values = values.reshape(-1, topk * d).index_select(0, cluster_of_block).view(-1, topk, d)
+        block_values = _cluster_values(values, cluster_of_block)
         grad_scores = torch.bmm(grad_rows, block_values.to(dtype).transpose(1, 2))
         del block_values, grad_rows
         if kept is not None:

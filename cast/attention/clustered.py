@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cast.attention.base import Attention, require_positive
-from cast.attention.cluster_blocks import in_storage_order, shaped_like, stored_rows, take_rows
+from cast.attention.cluster_blocks import in_storage_order, row_numbers, shaped_like, stored_rows, take_rows
 from cast.attention.hamming import hamming_kmeans, hash_codes
 
 
@@ -107,7 +107,7 @@ def centroid_means(q: Tensor, assignment: Tensor, num_clusters: int) -> Tensor:
     slots = num_clusters + 1
     cluster = assignment.masked_fill(assignment < 0, num_clusters)
     flat = in_storage_order(cluster + slots * torch.arange(b * h, device=q.device).view(b, h, 1), q)
-    sums = q.new_zeros(b * h * slots, d).index_add(0, flat, stored_rows(q)[0])
+    sums = q.new_zeros(b * h * slots, d).index_add(0, flat, stored_rows(q))
     sizes = q.new_zeros(b * h * slots).index_add_(0, flat, q.new_ones(flat.shape))
     means = sums / sizes.clamp_min(1).unsqueeze(-1)
     return means.view(b, h, slots, d)[:, :, :num_clusters]
@@ -122,7 +122,5 @@ def per_query(t: Tensor, assignment: Tensor, like: Tensor | None = None) -> Tens
     """
     if like is None:
         return take_rows(t, assignment.clamp(min=0))
-    b, h, clusters, x = t.shape
-    group = torch.arange(b * h, device=t.device).view(b, h, 1)
-    index = in_storage_order(assignment.clamp(min=0) + group * clusters, like)
-    return shaped_like(t.reshape(-1, x).index_select(0, index), like)
+    index = in_storage_order(row_numbers(t, assignment.clamp(min=0)).view(assignment.shape), like)
+    return shaped_like(stored_rows(t).index_select(0, index), like)
