@@ -78,8 +78,8 @@ class Embedding(nn.Module):
                 f"sequence of {longest} tokens exceeds the model's max_length {self.table.shape[0]}; "
                 "raise task.max_length"
             )
-        table = self.table[:n] if positions is None else self.table[positions]
-        x = self.tokens(ids) * self.scale + table
+        where = slice(n) if positions is None else positions   # a view of the tables, or a lookup
+        x = self.tokens(ids) * self.scale + self.table[where]
         if self.learned is not None:
-            x = x + (self.learned.weight[:n] if positions is None else self.learned(positions))
+            x = x + self.learned.weight[where]
         return x, mask
