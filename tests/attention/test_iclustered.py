@@ -62,6 +62,13 @@ def test_equals_a_slow_per_query_reference():
     torch.testing.assert_close(module(x, mask), module.output(expected, mask), rtol=1e-5, atol=1e-5)
 
 
+def gathered_per_query(t, top, assignment):
+    """Rows of t (B, h, N, d) at the top keys of each query's cluster: (B, h, N, k, d)."""
+    own_top = per_query(top, assignment)
+    b, h, n, kk = own_top.shape
+    return t.gather(2, own_top.reshape(b, h, n * kk, 1).expand(-1, -1, -1, t.shape[-1])).view(b, h, n, kk, -1)
+
+
 def per_query_gather_mix(self, q, k, v, mask, assignment, centroids):
     """The former form: every query gathers its cluster's top-k keys and values, (B, h, N, k, d)."""
     scale = 1 / math.sqrt(q.shape[-1])
@@ -70,10 +77,7 @@ def per_query_gather_mix(self, q, k, v, mask, assignment, centroids):
     top_valid = mask[:, None, None, :].expand_as(weights).gather(-1, top)
     top_mass = (weights.gather(-1, top) * top_valid).sum(-1, keepdim=True)
     rest = weights.scatter(-1, top, 0.0) @ v
-    own_top = per_query(top, assignment)
-    b, h, n, kk = own_top.shape
-    index = own_top.reshape(b, h, n * kk, 1).expand(-1, -1, -1, q.shape[-1])
-    keys, values = (t.gather(2, index).view(b, h, n, kk, -1) for t in (k, v))
+    keys, values = (gathered_per_query(t, top, assignment) for t in (k, v))
     scores = torch.einsum("bhnd,bhnkd->bhnk", q, keys) * scale
     scores = scores.masked_fill(~per_query(top_valid, assignment), torch.finfo(q.dtype).min)
     exact = torch.softmax(scores, dim=-1) * per_query(top_mass, assignment)
@@ -123,9 +127,8 @@ def per_query_block_attention(q, k, values, rest, top, bias, assignment, scale, 
     """block_attention by plain autograd, one (N, k, d) gather per query; the dropout mask is
     drawn as block_attention draws it (per block slot), so the same seed gives the same mask."""
     cluster = assignment.clamp(min=0)
-    own_top = per_query(top, cluster)
-    b, h, n, kk = own_top.shape
-    keys = k.gather(2, own_top.reshape(b, h, n * kk, 1).expand(-1, -1, -1, q.shape[-1])).view(b, h, n, kk, -1)
+    keys = gathered_per_query(k, top, cluster)
+    b, h, n, kk = keys.shape[:4]
     scores = torch.einsum("bhnd,bhnkd->bhnk", q, keys) * scale
     if bias is not None:
         scores = scores + per_query(bias, cluster)
