@@ -129,6 +129,7 @@ class PathfinderDataModule(LRADataModule):
         generate: bool = False,
         generate_count: int = 200_000,
         generate_seed: int = 0,
+        distractors: int | None = None,
         decode_workers: int | None = None,
         **kw,
     ):
@@ -141,6 +142,10 @@ class PathfinderDataModule(LRADataModule):
         self.pixel0_is_padding, self.split_seed = pixel0_is_padding, split_seed
         self.compact = compact
         self.generate, self.generate_count, self.generate_seed = generate, generate_count, generate_seed
+        if distractors is not None and (isinstance(distractors, bool) or not isinstance(distractors, int) or distractors < 0):
+            raise option_error("task", self.name, "distractors", distractors,
+                               "a number of distractor snakes >= 0, or null for the release's")
+        self.distractors = distractors
         self.decode_workers = decode_workers
         if resolution != 32:
             self.name = "pathx" if resolution == 128 else f"pathfinder{resolution}"
@@ -148,14 +153,15 @@ class PathfinderDataModule(LRADataModule):
 
     def generator_settings(self) -> dict:
         """What generated data must have been drawn with (its manifest)."""
-        return generator.manifest(generator.Settings.release(self.resolution, self.difficulty), self.generate_seed,
-                                  self.generate_count)
+        settings = generator.Settings.release(self.resolution, self.difficulty, self.distractors)
+        return generator.manifest(settings, self.generate_seed, self.generate_count)
 
     def cache_key(self) -> dict:
         key = super().cache_key()
         key.update(resolution=self.resolution, difficulty=self.difficulty, split_seed=self.split_seed)
         if self.generate:
-            key.update(generate_count=self.generate_count, generate_seed=self.generate_seed)
+            key.update(generate_count=self.generate_count, generate_seed=self.generate_seed,
+                       distractors=self.distractors)
         return key
 
     def source_files(self, split: str) -> list[Path]:
@@ -165,10 +171,13 @@ class PathfinderDataModule(LRADataModule):
         return sorted((path / "metadata").glob("*.npy")) if path is not None else []
 
     def _write(self, out: Path) -> None:
-        generator.write_release(out, self.resolution, self.difficulty, self.generate_count, seed=self.generate_seed)
+        generator.write_release(out, self.resolution, self.difficulty, self.generate_count, seed=self.generate_seed,
+                                distractors=self.distractors)
 
     def folder(self) -> Path:
         command = f"pathfinder --out {{out}} --resolution {self.resolution} --difficulty {self.difficulty}"
+        if self.distractors is not None:
+            command += f" --distractors {self.distractors}"
         return self.find_data(generator.folder_name(self.resolution, self.difficulty), "Pathfinder", command,
                               self.generator_settings(), self._write)
 

@@ -101,18 +101,21 @@ class Settings:
     max_restarts: int = 2000
 
     @classmethod
-    def release(cls, resolution: int = 32, difficulty: str = "hard") -> Settings:
-        """The settings of ``pathfinder{resolution}/<difficulty folder>``."""
+    def release(cls, resolution: int = 32, difficulty: str = "hard", distractors: int | None = None) -> Settings:
+        """The settings of ``pathfinder{resolution}/<difficulty folder>``; ``distractors`` replaces
+        the release's number of distractor snakes (an easier task with fewer)."""
         if resolution not in RESOLUTIONS:
             raise ValueError(f"resolution={resolution}: choose one of {sorted(RESOLUTIONS)}")
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty={difficulty!r}: choose one of {sorted(DIFFICULTIES)}")
+        if distractors is not None and distractors < 0:
+            raise ValueError(f"distractors={distractors}: a number of distractor snakes >= 0, or None for the release's")
         table = dict(RESOLUTIONS[resolution])
         budget = table.pop("distractor_budget")
         length = DIFFICULTIES[difficulty][1]
         short = max(1, length // 3)
         return cls(resolution=resolution, contour_length=length, distractor_length=short,
-                   num_distractors=budget // short, **table)
+                   num_distractors=budget // short if distractors is None else distractors, **table)
 
     def __post_init__(self):
         if self.thickness * self.antialias < math.sqrt(2):
@@ -204,7 +207,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_release(out: str | Path, resolution: int = 32, difficulty: str = "hard", count: int = 200_000,
                   seed: int = 0, batch_size: int = 1000, workers: int | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, distractors: int | None = None) -> Path:
     """Generate ``out/pathfinder{resolution}/<difficulty folder>/`` in the release layout.
 
     Images ``imgs/<batch>/sample_<i>.png`` and text ``metadata/<batch>.npy`` are written into a
@@ -217,7 +220,7 @@ def write_release(out: str | Path, resolution: int = 32, difficulty: str = "hard
     """
     if seed < 0 or count < 1 or batch_size < 1:
         raise ValueError(f"seed={seed}, count={count}, batch_size={batch_size}: need seed >= 0 and positive sizes")
-    settings = Settings.release(resolution, difficulty)
+    settings = Settings.release(resolution, difficulty, distractors)
     final = Path(out) / folder_name(resolution, difficulty)
     wanted = manifest(settings, seed, count, batch_size)
     if generated.is_current(final, wanted, "Pathfinder"):

@@ -78,6 +78,8 @@ def pathfinder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", default="hard", choices=list(DIFFICULTIES),
                         help="contour length 6 / 9 / 14 (curv_baseline / curv_contour_length_9 / _14)")
     parser.add_argument("--count", type=int, default=200_000, help="images (the release has 200,000)")
+    parser.add_argument("--distractors", type=int, default=None,
+                        help="distractor snakes per image (default: the release's, 10 / 6 / 5 at 32 pixels)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed: the same seed and settings, the same data")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per imgs/<batch> folder")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -87,13 +89,13 @@ def pathfinder(args: argparse.Namespace) -> int:
     from tasks import pathfinder_generator as generator
 
     final = Path(args.out) / generator.folder_name(args.resolution, args.difficulty)
-    settings = generator.manifest(generator.Settings.release(args.resolution, args.difficulty), args.seed,
-                                  args.count, args.batch_size)
+    settings = generator.manifest(generator.Settings.release(args.resolution, args.difficulty, args.distractors),
+                                  args.seed, args.count, args.batch_size)
     if _already(final, settings, "Pathfinder"):
         return 0
     start = time.time()
     generator.write_release(args.out, args.resolution, args.difficulty, args.count, args.seed, args.batch_size,
-                            args.workers)
+                            args.workers, distractors=args.distractors)
     elapsed = time.time() - start
     print(f"wrote {args.count:,} images to {final} in {elapsed:.0f} s ({args.count / elapsed:.1f} images/s)")
     return 0

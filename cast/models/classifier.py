@@ -32,6 +32,9 @@ class LRAClassifier(nn.Module):
         dropout: float = 0.1,
         attention_dropout: float = 0.0,
         positions: str = "sinusoidal",
+        token_scale: float | None = None,
+        position_scale: float = 1.0,
+        position_base: float = 10_000.0,
         pooling: str = "cls",
         pair_features: str = "full",
     ):
@@ -41,7 +44,8 @@ class LRAClassifier(nn.Module):
         if pair_features not in PAIR_FEATURES:
             raise ValueError(f"model.pair_features={pair_features!r} is not one of {PAIR_FEATURES}")
         self.pooling, self.pair, self.pair_mode = pooling, pair, pair_features
-        self.embedding = Embedding(vocab_size, d_model, max_length, positions, cls=pooling == "cls")
+        self.embedding = Embedding(vocab_size, d_model, max_length, positions, cls=pooling == "cls",
+                                   token_scale=token_scale, position_scale=position_scale, position_base=position_base)
         self.dropout = nn.Dropout(dropout)
         self.encoder = Encoder(attention, d_model, n_layers, n_heads, mlp_dim, dropout, attention_dropout, qkv_dim)
         d_in = d_model * (1 if not pair else 2 if pair_features == "concat" else 4)

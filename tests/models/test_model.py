@@ -105,3 +105,24 @@ def test_sinusoidal_table_values():
     assert table[0, 0] == 0 and table[0, 1] == 1
     assert math.isclose(table[3, 2].item(), math.sin(3 / 10_000 ** (2 / 6)), rel_tol=1e-5)
 
+
+
+def test_token_and_position_scales_weigh_the_two_parts_of_a_token_vector():
+    from cast.models.embedding import Embedding, grid_table
+
+    ids = torch.tensor([[3, 1, 4, 1]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    torch.manual_seed(0)
+    default = Embedding(8, 16, 4, "sinusoidal2d", cls=False)
+    torch.manual_seed(0)
+    weighed = Embedding(8, 16, 4, "sinusoidal2d", cls=False, token_scale=1.0, position_scale=3.0, position_base=100)
+    tokens = weighed.tokens(ids)
+    torch.testing.assert_close(default(ids, mask)[0], tokens * 4.0 + grid_table(4, 16))   # sqrt(16), base 10,000
+    torch.testing.assert_close(weighed(ids, mask)[0], tokens + 3.0 * grid_table(4, 16, base=100))
+    assert math.isclose(sinusoidal_table(4, 6, base=100)[3, 2].item(), math.sin(3 / 100 ** (2 / 6)), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("option,value", [("token_scale", 0.0), ("position_scale", -1.0), ("position_base", 1.0)])
+def test_bad_embedding_scales_name_the_option(option, value):
+    with pytest.raises(ValueError, match=f"model.{option}="):
+        make(**{option: value})
