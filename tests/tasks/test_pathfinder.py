@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cast.options import OptionError
 from tasks import base, pathfinder
 from tasks.base import DataFormatError, DataNotFoundError, find_path
 from tasks.pathfinder import PathfinderDataModule, read_images, read_metadata
@@ -228,6 +229,19 @@ def test_generated_folder_is_regenerated_when_its_settings_differ(tmp_path):
     assert not torch.equal(reseeded.rows("train")["input_ids"], more.rows("train")["input_ids"])
 
 
+def test_distractors_are_a_generator_setting(tmp_path):
+    dm = PathfinderDataModule(str(tmp_path), generate=True, generate_count=6, distractors=0)
+    dm.setup()
+    assert json.loads((tmp_path / FOLDER / "generator.json").read_text())["settings"]["num_distractors"] == 0
+    release = PathfinderDataModule(str(tmp_path), generate=True, generate_count=6)
+    release.setup()
+    assert json.loads((tmp_path / FOLDER / "generator.json").read_text())["settings"]["num_distractors"] == 5
+    fewer = (dm.rows("train")["input_ids"] > 1).sum()
+    assert fewer < (release.rows("train")["input_ids"] > 1).sum(), "fewer snakes, less ink (the same seed)"
+    with pytest.raises(OptionError, match="task.distractors"):
+        PathfinderDataModule(str(tmp_path), distractors=-2)
+
+
 def test_release_folder_without_manifest_is_used_and_never_replaced(copy):
     data = copy()
     (data / FOLDER / "generator.json").unlink()  # as the LRA release's folders are
@@ -238,3 +252,16 @@ def test_release_folder_without_manifest_is_used_and_never_replaced(copy):
     assert sorted(p.name for p in (data / FOLDER / "imgs").iterdir()) == before
     with pytest.raises(DataFormatError, match="without generator.json .* never overwritten"):
         write_release(data, count=6, workers=1, progress=False)
+
+
+def test_prepared_data_without_distractors_is_what_the_task_asks_for(tmp_path, capsys):
+    from scripts.prepare_data import main as prepare_main
+
+    assert prepare_main(["pathfinder", "--out", str(tmp_path), "--count", "6", "--difficulty", "easy",
+                         "--distractors", "0", "--workers", "1"]) == 0
+    manifest = tmp_path / "pathfinder32" / "curv_baseline" / "generator.json"
+    written = manifest.stat().st_mtime_ns
+    dm = PathfinderDataModule(str(tmp_path), difficulty="easy", distractors=0, generate=True, generate_count=6)
+    dm.setup()
+    assert manifest.stat().st_mtime_ns == written, "the prepared folder is used, not generated again"
+    assert sum(len(dm.splits[s]["label"]) for s in ("train", "val", "test")) == 6

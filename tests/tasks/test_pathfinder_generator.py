@@ -37,9 +37,10 @@ def components(ink: np.ndarray, link: int) -> tuple[np.ndarray, int]:
     return labels, count
 
 
-@pytest.mark.parametrize(("resolution", "difficulty", "n"), [(32, "hard", 40), (32, "easy", 12), (128, "hard", 2)])
-def test_label_is_connectivity_in_the_pixels(resolution, difficulty, n):
-    settings = gen.Settings.release(resolution, difficulty)
+@pytest.mark.parametrize(("resolution", "difficulty", "n", "distractors"),
+                         [(32, "hard", 40, None), (32, "easy", 12, None), (32, "easy", 12, 0), (128, "hard", 2, None)])
+def test_label_is_connectivity_in_the_pixels(resolution, difficulty, n, distractors):
+    settings = gen.Settings.release(resolution, difficulty, distractors)
     labels = []
     for number in range(n):
         sample = gen.make_sample(settings, 11, number)
@@ -49,6 +50,8 @@ def test_label_is_connectivity_in_the_pixels(resolution, difficulty, n):
         assert min(ends) >= 0, "each marker is inked"
         assert (ends[0] == ends[1]) == bool(sample.label), f"sample {number}: label disagrees with the pixels"
         assert count == sample.num_snakes, f"sample {number}: snakes touch or one is broken"
+        if distractors == 0:
+            assert count == 2, "the two targets alone"
         labels.append(sample.label)
     assert 0 < sum(labels) < n
 
@@ -85,6 +88,9 @@ def test_settings_follow_the_release_rules():
     easy = gen.Settings.release(32, "easy")
     assert (easy.contour_length, easy.distractor_length, easy.num_distractors) == (6, 2, 10)
     assert gen.Settings.release(128, "hard").margins == (2, 3)
+    assert gen.Settings.release(32, "easy", distractors=3).num_distractors == 3
+    with pytest.raises(ValueError, match="distractors=-1"):
+        gen.Settings.release(32, "easy", distractors=-1)
     with pytest.raises(ValueError, match="resolution=48"):
         gen.Settings.release(48)
     with pytest.raises(ValueError, match="antialias"):
