@@ -78,11 +78,18 @@ def pathfinder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--difficulty", default="hard", choices=list(DIFFICULTIES),
                         help="contour length 6 / 9 / 14 (curv_baseline / curv_contour_length_9 / _14)")
     parser.add_argument("--count", type=int, default=200_000, help="images (the release has 200,000)")
-    parser.add_argument("--distractors", type=int, default=None,
+    parser.add_argument("--distractors", type=_count, default=None,
                         help="distractor snakes per image (default: the release's, 10 / 6 / 5 at 32 pixels)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed: the same seed and settings, the same data")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per imgs/<batch> folder")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
+
+def _count(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def pathfinder(args: argparse.Namespace) -> int:

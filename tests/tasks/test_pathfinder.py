@@ -265,3 +265,6 @@ def test_prepared_data_without_distractors_is_what_the_task_asks_for(tmp_path, c
     dm.setup()
     assert manifest.stat().st_mtime_ns == written, "the prepared folder is used, not generated again"
     assert sum(len(dm.splits[s]["label"]) for s in ("train", "val", "test")) == 6
+    with pytest.raises(SystemExit) as refused:
+        prepare_main(["pathfinder", "--out", str(tmp_path), "--distractors", "-1"])
+    assert refused.value.code == 2 and "--distractors: '-1' is not a whole number" in capsys.readouterr().err
