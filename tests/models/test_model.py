@@ -106,7 +106,6 @@ def test_sinusoidal_table_values():
     assert math.isclose(table[3, 2].item(), math.sin(3 / 10_000 ** (2 / 6)), rel_tol=1e-5)
 
 
-
 def test_token_and_position_scales_weigh_the_two_parts_of_a_token_vector():
     from cast.models.embedding import Embedding, grid_table
 
