@@ -46,8 +46,8 @@ class Embedding(nn.Module):
     The CLS token gets id ``vocab_size`` (one past the task's vocabulary) and sits at position 0.
     A token's vector is its embedding (initialised N(0, 1)) times ``token_scale`` (default √D, the
     Transformer's) plus its position: a fixed sin/cos table (``position_base``) times
-    ``position_scale``, or a learned one. The defaults make a token vector about √D times as long as
-    a fixed position's; ``token_scale=1`` with ``position_scale`` 2-3 lets positions weigh as much
+    ``position_scale``, or a learned one. The defaults make a token vector (length about D) about √(2D)
+    times as long as a fixed position (length √(D/2)); ``token_scale=1`` with ``position_scale`` 2-3 lets positions weigh as much
     as the tokens, which relational tasks on images need (Pathfinder).
     """
 
