@@ -126,12 +126,12 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int) -> 
     # every step takes the general path (same result).
     cpu = codes.device.type == "cpu"
     valid = None if cpu and bool(mask.all()) else mask[:, None, :].expand(codes.shape[:3])
-    chunks = Chunks(codes, 8 if codes.shape[2] >= WIDE_FROM else 4, num_clusters)
-    centroids = _initial_centroids(codes, mask, num_clusters)
+    chunks = Chunks(codes, 8 if codes.shape[2] >= WIDE_FROM else 4, num_clusters, valid)
+    centroids = chunks.chunked(_initial_centroids(codes, mask, num_clusters))
     for _ in range(iterations - 1):
-        assignment, similarity = assign(chunks, centroids, valid)
-        centroids = _update(codes, chunks, assignment, similarity, mask, num_clusters, lazy=cpu)
-    return assign(chunks, centroids, valid)[0], centroids
+        best = chunks.nearest(centroids)
+        centroids = _update(codes, chunks, best, mask, valid, lazy=cpu)
+    return chunks.assignment(chunks.nearest(centroids), valid), chunks.unchunked(centroids)
 
 
 # Chunk width by length: a table holds C·2^w rows per chunk position, whatever N, and the bag
@@ -142,63 +142,95 @@ WIDE_FROM = 4096
 
 class Chunks:
     """Codes (B, h, N, b) cut into J = ceil(b / w) chunks of w bits (bit t of chunk j is code bit
-    w·j + t > 0; bits past b are 0): ``slots`` (B, h, N, J) = 2^w·j + value of chunk j, the row
-    of each chunk in a (J, 2^w) table, and ``patterns`` (2^w, w), the ±1 bits of every value.
-    What every K-means iteration reuses is made here once (each tensor op costs ~10 µs of
-    dispatch, and an iteration has a few dozen of them at 1K queries)."""
+    w·j + t > 0; bits past b are 0), and what every K-means iteration reuses, made once (each
+    tensor op costs ~10 µs of dispatch, and an iteration at 1K queries is a dozen of them).
 
-    def __init__(self, codes: Tensor, width: int, num_clusters: int):
+    Inside the iterations centroids stay *chunked*: (G·J, w, C), the ±1 bit t of chunk j of
+    centroid c of group g at [g·J + j, t, c], and 0 for the bits past b. That is the layout both
+    the table (a batched matmul with the chunk values' bit patterns) and the vote (the transposed
+    matmul) use, so an iteration never reshapes or copies them.
+    """
+
+    def __init__(self, codes: Tensor, width: int, num_clusters: int, valid: Tensor | None = None):
         device, bits = codes.device, codes.shape[-1]
         batch, heads, length = codes.shape[:3]
-        self.width, self.values = width, 1 << width
+        groups, nchunks, values = batch * heads, -(-bits // width), 1 << width
+        self.bits, self.width, self.values, self.clusters = bits, width, values, num_clusters
+        self.shape, self.nchunks = (batch, heads, length), nchunks
         # value of chunk j = sum over its bits t of 2^t (x + 1) / 2: one matmul of the ±1 codes.
         bit = torch.arange(bits, device=device)
-        nchunks = -(-bits // width)
         in_chunk = bit[:, None] // width == torch.arange(nchunks, device=device)
         weights = in_chunk * 2.0 ** (bit % width)[:, None]
-        offsets = float(self.values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
-        values = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2)
-        self.slots = values.long().view(batch, heads, length, nchunks)
-        # The same rows in the tables of all (batch, head) pairs stacked, for the bag sums.
-        groups = torch.arange(batch * heads, device=device).view(batch, heads, 1, 1)
-        self.rows = (self.slots + groups * (nchunks * self.values)).view(-1, nchunks)
-        values = torch.arange(self.values, device=device)
-        self.patterns = ((values[:, None] >> torch.arange(width, device=device)) & 1).float() * 2 - 1
-        # assign(): similarities scaled by C, and C - 1 - c added once (in chunk 0's rows) as the
+        offsets = float(values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
+        slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2).long()
+        # The row of each chunk in the (G·J·2^w) rows of all groups' tables: (g·J + j)·2^w + value.
+        group = torch.arange(groups, device=device).repeat_interleave(length)[:, None]
+        self.rows = slots.view(groups * length, nchunks) + group * (nchunks * values)
+        # ±1 bits of every chunk value, 0 for the bits past b (in the last chunk only).
+        patterns = ((torch.arange(values, device=device)[:, None] >> torch.arange(width, device=device)) & 1) * 2.0 - 1
+        real = (torch.arange(nchunks * width, device=device) < bits).float().view(nchunks, 1, width)
+        patterns = patterns * real                                                   # (J, 2^w, w)
+        # nearest(): similarities scaled by C, and C - 1 - c added once (in chunk 0's rows) as the
         # tie-break tag of centroid c.
-        self.scaled = (self.patterns * num_clusters).expand(batch * heads * nchunks, -1, -1)
-        tag = torch.zeros(nchunks, self.values, num_clusters, device=device)
+        self.scaled = (patterns * num_clusters).repeat(groups, 1, 1)                  # (G·J, 2^w, w)
+        tag = torch.zeros(nchunks, values, num_clusters, device=device)
         tag[0] += torch.arange(num_clusters - 1, -1, -1, device=device, dtype=tag.dtype)
-        self.tag = tag.expand(batch * heads, -1, -1, -1).reshape(-1, self.values, num_clusters)
-        # _vote(): the count of chunk j's value in cluster c of group g sits at
-        # ((g·(C + 1) + c)·J + j)·2^w + value; C + 1 is a spare cluster for padded queries.
-        self.vote_base = (self.slots + groups * ((num_clusters + 1) * nchunks * self.values)).view(-1, nchunks)
-        self.ones = torch.ones(self.vote_base.numel(), device=device)
+        self.tag = tag.repeat(groups, 1, 1)                                         # (G·J, 2^w, C)
+        # vote(): the count of chunk j's value v in cluster c of group g sits at
+        # ((g·J + j)·2^w + v)·C + c, and c = C - 1 - (the tag of the best centroid).
+        self.vote_top = self.rows * num_clusters + (num_clusters - 1)
+        self.weights = (torch.ones(groups * length, nchunks, device=device) if valid is None
+                        else valid.reshape(-1, 1).float().expand(-1, nchunks).contiguous())  # padded: 0
+        self.transposed = patterns.transpose(1, 2).repeat(groups, 1, 1)              # (G·J, w, 2^w)
+        self.half = (real / 2).transpose(1, 2).repeat(groups, 1, 1)                 # (G·J, w, 1)
 
-    def table(self, centroids: Tensor) -> Tensor:
-        """(B·h·J, 2^w, C): C · <chunk value v, centroid c's chunk j> over the chunk's bits, plus
-        the tag C - 1 - c in chunk 0. Bits past b are 0 in the padded centroids: they add nothing."""
-        bits = centroids.shape[-1]
-        padded = F.pad(centroids.float(), (0, -bits % self.width)).unflatten(-1, (-1, self.width))
-        per_chunk = padded.permute(0, 1, 3, 4, 2).reshape(self.tag.shape[0], self.width, -1)
-        return torch.baddbmm(self.tag, self.scaled, per_chunk)
+    def chunked(self, centroids: Tensor) -> Tensor:
+        """(B, h, C, b) ±1 -> (G·J, w, C), the bits past b 0."""
+        padded = F.pad(centroids.float(), (0, self.nchunks * self.width - self.bits))
+        per_chunk = padded.unflatten(-1, (self.nchunks, self.width)).permute(0, 1, 3, 4, 2)
+        return per_chunk.reshape(-1, self.width, self.clusters)
+
+    def unchunked(self, chunked: Tensor) -> Tensor:
+        """(G·J, w, C) -> (B, h, C, b)."""
+        batch, heads = self.shape[:2]
+        per_chunk = chunked.view(batch, heads, self.nchunks, self.width, self.clusters)
+        return per_chunk.permute(0, 1, 4, 2, 3).flatten(-2)[..., : self.bits]
+
+    def nearest(self, chunked: Tensor) -> Tensor:
+        """Per query (G·N,) C · (similarity b - 2·Hamming to its nearest centroid) + C - 1 - that
+        centroid's index (the first one on ties): one ``embedding_bag`` over the table rows of its
+        chunks, then one ``amax`` (far cheaper than ``max`` with indices). Small integers, exact in
+        float32."""
+        table = torch.baddbmm(self.tag, self.scaled, chunked)
+        return F.embedding_bag(self.rows, table.view(-1, self.clusters), mode="sum").amax(-1)
+
+    def assignment(self, best: Tensor, valid: Tensor | None) -> Tensor:
+        """The nearest centroid (B, h, N) of each query, -1 on padded ones."""
+        assignment = ((self.clusters - 1) - best.remainder(self.clusters)).long().view(self.shape)
+        return assignment if valid is None else assignment.masked_fill(~valid, -1)
+
+    def similarity(self, best: Tensor) -> Tensor:
+        """b - 2·Hamming (B, h, N) of each query to its nearest centroid."""
+        return best.div(self.clusters, rounding_mode="floor").long().view(self.shape)
+
+    def vote(self, best: Tensor) -> tuple[Tensor, Tensor]:
+        """The members' majority (G·J, w, C): +1 where more of a cluster's valid members have the
+        bit than not, else -1 (a tied vote gives bit 0, as in the reference), 0 past b; and the
+        member counts (G, C). Counts the members of each chunk value at each chunk position
+        (one ``scatter_add_``), then sums the bits of those values (one batched matmul)."""
+        index = self.vote_top - best.remainder(self.clusters).long()[:, None]
+        counts = self.weights.new_zeros(self.tag.numel()).scatter_add_(0, index.view(-1), self.weights.view(-1))
+        counts = counts.view(-1, self.values, self.clusters)
+        voted = torch.bmm(self.transposed, counts).sub_(self.half).sign_()
+        sizes = counts.view(-1, self.nchunks, self.values, self.clusters)[:, 0].sum(1)
+        return voted, sizes
 
 
 def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Nearest centroid of each query (first one on ties) and its similarity b - 2 * Hamming.
-
-    centroids (B, h, C, b) of ±1, valid (B, h, N) or None when every query is valid. The
-    similarities are small integers, exact in float32; each is scaled by C and tagged with
-    C - 1 - c so that one ``amax`` (far cheaper than ``max`` with indices) yields both the largest
-    similarity and, on ties, the first centroid holding it.
-    """
-    batch, heads, length, _ = chunks.slots.shape
-    clusters = centroids.shape[-2]
-    tagged = F.embedding_bag(chunks.rows, chunks.table(centroids).view(-1, clusters), mode="sum")
-    best = tagged.amax(-1).long().view(batch, heads, length)
-    assignment = (clusters - 1) - best.remainder(clusters)
-    similarity = best.div(clusters, rounding_mode="floor")
-    return (assignment if valid is None else assignment.masked_fill(~valid, -1)), similarity
+    """Nearest centroid (B, h, N) of each query (first one on ties, -1 where not ``valid``) and
+    its similarity b - 2·Hamming, for centroids (B, h, C, b) of ±1."""
+    best = chunks.nearest(chunks.chunked(centroids))
+    return chunks.assignment(best, valid), chunks.similarity(best)
 
 
 def _gather_codes(codes: Tensor, index: Tensor) -> Tensor:
@@ -215,44 +247,29 @@ def _initial_centroids(codes: Tensor, mask: Tensor, num_clusters: int) -> Tensor
     return _gather_codes(codes, start[:, None, :].expand(batch, heads, num_clusters))
 
 
-def _vote(chunks: Chunks, assignment: Tensor, num_clusters: int, bits: int) -> tuple[Tensor, Tensor]:
-    """Per-cluster sums of the members' ±1 codes (B, h, C, b) and member counts (B, h, C).
-
-    Counts the members of each chunk value at each chunk position (padded queries count in a
-    spare cluster C that is dropped), then sums the bits of those values.
-    """
-    batch, heads, length, nchunks = chunks.slots.shape
-    spare = num_clusters + 1
-    cluster = assignment.masked_fill(assignment < 0, num_clusters).view(-1, 1)
-    index = torch.add(chunks.vote_base, cluster, alpha=nchunks * chunks.values).view(-1)
-    counts = chunks.ones.new_zeros(batch * heads * spare * nchunks * chunks.values)
-    counts.scatter_add_(0, index, chunks.ones)
-    counts = counts.view(batch, heads, spare, nchunks, chunks.values)
-    sums = F.linear(counts, chunks.patterns.t()).flatten(-2)[:, :, :num_clusters, :bits]
-    return sums, counts[:, :, :num_clusters, 0].sum(-1)
-
-
 def _update(
-    codes: Tensor, chunks: Chunks, assignment: Tensor, similarity: Tensor, mask: Tensor,
-    num_clusters: int, lazy: bool = False,
+    codes: Tensor, chunks: Chunks, best: Tensor, mask: Tensor, valid: Tensor | None, lazy: bool = False,
 ) -> Tensor:
-    """The voted centroids, empty clusters re-seeded. ``lazy``: skip the re-seeding when no
-    cluster is empty (a host check, for a CPU only)."""
+    """The voted centroids (chunked), empty clusters re-seeded. ``lazy``: skip the re-seeding when
+    no cluster is empty (a host check, for a CPU only)."""
     batch, heads, length, bits = codes.shape
-    sums, sizes = _vote(chunks, assignment, num_clusters, bits)
-    # A tied vote gives -1 (bit 0), as in the reference.
-    voted = torch.where(sums > 0, 1.0, -1.0).to(codes.dtype)
-    empty = sizes == 0
-    if lazy and not bool(empty.any()):
+    num_clusters = chunks.clusters
+    voted, sizes = chunks.vote(best)
+    empty = (sizes == 0).view(batch, heads, num_clusters)
+    if lazy and bool(sizes.all()):
         return voted
 
     # Farthest first, the first position on ties: distance and position in one unique key, so
     # that a top-k (linear in N) gives the order a stable sort would.
     positions = torch.arange(length - 1, -1, -1, device=codes.device)
-    key = ((bits - similarity) * length + positions).masked_fill(assignment < 0, -1)
+    key = (bits - chunks.similarity(best)) * length + positions
+    if valid is not None:
+        key = key.masked_fill(~valid, -1)
     farthest_first = key.topk(min(num_clusters, length), dim=-1).indices
     rank = empty.cumsum(-1) - 1
     # Only as many re-seeds as the row has valid queries: padded codes never become centroids.
     reseed = empty & (rank < mask.sum(-1)[:, None, None])
     seeds = _gather_codes(codes, farthest_first.gather(-1, rank.clamp(0, farthest_first.shape[-1] - 1)))
-    return torch.where(reseed.unsqueeze(-1), seeds, voted)
+    chunked = voted.view(batch * heads, chunks.nchunks, chunks.width, num_clusters)
+    seeded = chunks.chunked(seeds).view_as(chunked)
+    return torch.where(reseed.view(batch * heads, 1, 1, num_clusters), seeded, chunked).view_as(voted)
