@@ -32,7 +32,7 @@ class LRAClassifier(nn.Module):
         dropout: float = 0.1,
         attention_dropout: float = 0.0,
         positions: str = "sinusoidal",
-        token_scale: float | None = None,
+        token_scale: float | None = 1.0,
         position_scale: float = 1.0,
         position_base: float = 10_000.0,
         pooling: str = "cls",

@@ -44,15 +44,17 @@ class Embedding(nn.Module):
     """ids (B, N) and mask (B, N) -> x (B, N', D) and mask (B, N'), N' = N + cls.
 
     The CLS token gets id ``vocab_size`` (one past the task's vocabulary) and sits at position 0.
-    A token's vector is its embedding (initialised N(0, 1)) times ``token_scale`` (default √D, the
-    Transformer's) plus its position: a fixed sin/cos table (``position_base``) times
-    ``position_scale``, or a learned one. The defaults make a token vector (length about D) about √(2D)
-    times as long as a fixed position (length √(D/2)); ``token_scale=1`` with ``position_scale`` 2-3 lets positions weigh as much
-    as the tokens, which relational tasks on images need (Pathfinder).
+    A token's vector is its embedding (initialised N(0, 1)) times ``token_scale`` (default 1, as in
+    LRA's code; None: √D, the Transformer paper's) plus its position: a fixed sin/cos table
+    (``position_base``) times ``position_scale``, or a learned one. With the defaults a token vector
+    (length about √D) and its fixed position (length √(D/2)) weigh about alike; ``token_scale=None``
+    makes the token about √(2D) times as long, which drowns fixed positions (ListOps and Pathfinder
+    stay at the majority class). ``position_scale`` 2-3 with ``position_base`` 100 serves relational
+    tasks on small images (Pathfinder).
     """
 
     def __init__(self, vocab_size: int, d_model: int, max_length: int, positions: str = "sinusoidal", cls: bool = True,
-                 token_scale: float | None = None, position_scale: float = 1.0, position_base: float = 10_000.0):
+                 token_scale: float | None = 1.0, position_scale: float = 1.0, position_base: float = 10_000.0):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"model.positions={positions!r} is not one of {POSITIONS}")

@@ -114,9 +114,12 @@ def test_token_and_position_scales_weigh_the_two_parts_of_a_token_vector():
     torch.manual_seed(0)
     default = Embedding(8, 16, 4, "sinusoidal2d", cls=False)
     torch.manual_seed(0)
+    transformer = Embedding(8, 16, 4, "sinusoidal2d", cls=False, token_scale=None)
+    torch.manual_seed(0)
     weighed = Embedding(8, 16, 4, "sinusoidal2d", cls=False, token_scale=1.0, position_scale=3.0, position_base=100)
     tokens = weighed.tokens(ids)
-    torch.testing.assert_close(default(ids, mask)[0], tokens * 4.0 + grid_table(4, 16))   # sqrt(16), base 10,000
+    torch.testing.assert_close(default(ids, mask)[0], tokens + grid_table(4, 16))   # LRA's: scale 1, base 10,000
+    torch.testing.assert_close(transformer(ids, mask)[0], tokens * 4.0 + grid_table(4, 16))   # sqrt(16)
     torch.testing.assert_close(weighed(ids, mask)[0], tokens + 3.0 * grid_table(4, 16, base=100))
     assert math.isclose(sinusoidal_table(4, 6, base=100)[3, 2].item(), math.sin(3 / 100 ** (2 / 6)), rel_tol=1e-5)
 
