@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from cast.models.embedding import Embedding
 from cast.models.encoder import Encoder
 from cast.models.heads import PAIR_FEATURES, POOLINGS, mlp_head, pair_features, pool
+from cast.options import option_error
 
 
 class LRAClassifier(nn.Module):
@@ -40,9 +41,9 @@ class LRAClassifier(nn.Module):
     ):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling={pooling!r} is not one of {POOLINGS}")
+            raise option_error("model", "transformer", "pooling", pooling, f"one of {POOLINGS}")
         if pair_features not in PAIR_FEATURES:
-            raise ValueError(f"model.pair_features={pair_features!r} is not one of {PAIR_FEATURES}")
+            raise option_error("model", "transformer", "pair_features", pair_features, f"one of {PAIR_FEATURES}")
         self.pooling, self.pair, self.pair_mode = pooling, pair, pair_features
         self.embedding = Embedding(vocab_size, d_model, max_length, positions, cls=pooling == "cls",
                                    token_scale=token_scale, position_scale=position_scale, position_base=position_base)

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cast.options import OptionError, option_error
+
 POSITIONS = ("sinusoidal", "sinusoidal2d", "learned", "none")
 
 
@@ -32,7 +34,7 @@ def grid_table(length: int, dim: int, base: float = 10_000.0) -> Tensor:
     """
     side = math.isqrt(length)
     if side * side != length or dim % 4:
-        raise ValueError(f"model.positions=sinusoidal2d needs a square image (max_length={length}) "
+        raise OptionError(f"model.positions=sinusoidal2d needs a square image (max_length={length}) "
                          f"and d_model divisible by 4 (d_model={dim})")
     axis = sinusoidal_table(side, dim // 2, base)
     rows = axis[:, None, :].expand(side, side, dim // 2)
@@ -57,13 +59,13 @@ class Embedding(nn.Module):
                  token_scale: float | None = 1.0, position_scale: float = 1.0, position_base: float = 10_000.0):
         super().__init__()
         if positions not in POSITIONS:
-            raise ValueError(f"model.positions={positions!r} is not one of {POSITIONS}")
+            raise option_error("model", "transformer", "positions", positions, f"one of {POSITIONS}")
         if token_scale is not None and not token_scale > 0:
-            raise ValueError(f"model.token_scale={token_scale} must be positive (null: sqrt(d_model))")
+            raise option_error("model", "transformer", "token_scale", token_scale, "positive (null: sqrt(d_model))")
         if not position_scale >= 0:
-            raise ValueError(f"model.position_scale={position_scale} must be >= 0")
+            raise option_error("model", "transformer", "position_scale", position_scale, ">= 0")
         if not position_base > 1:
-            raise ValueError(f"model.position_base={position_base} must be > 1 (the Transformer's: 10000)")
+            raise option_error("model", "transformer", "position_base", position_base, "> 1 (the Transformer's: 10000)")
         self.cls = cls
         self.cls_id = vocab_size
         self.tokens = nn.Embedding(vocab_size + int(cls), d_model, padding_idx=0)

@@ -12,6 +12,7 @@ from cast.attention.vanilla import VanillaAttention
 from cast.models import LRAClassifier
 from cast.models.embedding import sinusoidal_table
 from cast.models.heads import pool
+from cast.options import OptionError
 
 
 def make(**kw):
@@ -126,5 +127,5 @@ def test_token_and_position_scales_weigh_the_two_parts_of_a_token_vector():
 
 @pytest.mark.parametrize("option,value", [("token_scale", 0.0), ("position_scale", -1.0), ("position_base", 1.0)])
 def test_bad_embedding_scales_name_the_option(option, value):
-    with pytest.raises(ValueError, match=f"model.{option}="):
+    with pytest.raises(OptionError, match=f"{option}={value!r} must be .*set model.{option} in configs/model/transformer.yaml"):
         make(**{option: value})
