@@ -121,10 +121,11 @@ def _halves(codes: Tensor, mask: Tensor):
     return None
 
 
-def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int) -> tuple[Tensor, Tensor]:
+def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int,
+            host_checks: bool | None = None) -> tuple[Tensor, Tensor]:
     # On a CPU the checks below cost nothing; on an accelerator they would synchronise, so there
-    # every step takes the general path (same result).
-    cpu = codes.device.type == "cpu"
+    # every step takes the general path (same result). ``host_checks`` (default: on a CPU) decides.
+    cpu = codes.device.type == "cpu" if host_checks is None else host_checks
     valid = None if cpu and bool(mask.all()) else mask[:, None, :].expand(codes.shape[:3])
     chunks = Chunks(codes, 8 if codes.shape[2] >= WIDE_FROM else 4, num_clusters, valid)
     centroids = chunks.chunked(_initial_centroids(codes, mask, num_clusters))

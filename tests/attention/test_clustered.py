@@ -99,6 +99,18 @@ def test_kmeans_equals_the_float_matmul_lloyd(monkeypatch, wide_from, bits, clus
     assert torch.equal(centroids, expected_centroids)
 
 
+@pytest.mark.parametrize("bits,clusters,valid", [(63, 5, (40, 23)), (20, 30, (40, 40))])
+def test_kmeans_without_host_checks_equals_the_float_matmul_lloyd(bits, clusters, valid):
+    """The path an accelerator takes (no host syncs: every query weighed by its mask, empty
+    clusters looked for at every update) gives the same clusters."""
+    codes = random_codes((2, 2, 40, bits), seed=clusters)
+    mask = torch.arange(40)[None, :] < torch.tensor(valid)[:, None]
+    assignment, centroids = hamming._kmeans(codes, mask, clusters, iterations=6, host_checks=False)
+    expected_assignment, expected_centroids = lloyd_reference(codes, mask, clusters, iterations=6)
+    assert torch.equal(assignment, expected_assignment)
+    assert torch.equal(centroids, expected_centroids)
+
+
 @pytest.mark.parametrize("heads", [1, 3], ids=["batch-halves", "head-halves"])
 def test_kmeans_split_over_a_worker_thread_equals_the_float_matmul_lloyd(monkeypatch, heads):
     """The CPU split (half the rows in a worker thread) changes nothing, over heads or batch."""
