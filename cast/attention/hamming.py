@@ -14,8 +14,10 @@ of v with c's j-th chunk (a (J, 2^w, C) table, a few hundred KiB at most); a que
 to every centroid is then the sum of its chunks' rows, which ``F.embedding_bag`` computes in one
 pass (8 row additions per query instead of a K = 63 matmul: 3-4x faster than the matmul). The
 majority-vote update is the transpose: count, per cluster, the members of each chunk value at
-each position (one ``scatter_add_`` of ones), then the per-bit sums are those counts times the
-bits of the chunk values. Assignments and centroids are exactly those of the ±1 matmul form.
+each position (one ``scatter_add_`` of each query's validity: padded queries weigh 0), then the
+per-bit sums are those counts times the bits of the chunk values (one batched matmul), in the
+layout the next table is built from. Assignments and centroids are exactly those of the ±1 matmul
+form.
 
 Shapes: B batch, h heads, N length, b bits, C clusters, G = B·h, J = ceil(b / w) chunks.
 """
