@@ -89,9 +89,12 @@ def _one_thread(num_clusters: int, iterations: int, codes: Tensor, mask: Tensor)
     return _kmeans(codes, mask, num_clusters, iterations)
 
 
-# Below this many code bits in all a split costs more than it saves (measured at N = 1K: 16 rows
-# of 1,024 queries x 63 bits gain 1.4x).
-SPLIT_FROM = 1 << 16
+# Below this many code bits in all a split costs more than it saves: the worker thread shares a
+# core with torch's OpenMP thread, which spins for a while after every parallel op (the hash
+# matmul just before, the projections). Measured on 2 cores in training, codes fresh from the
+# hash: 4 x 4 rows of 1K queries x 63 bits (1M) take 17 ms with the split and 13 ms without, 2M
+# about level, 4 x 4 rows of 4K (4M) 37 ms with it and 45 ms without.
+SPLIT_FROM = 3 << 20
 
 
 @cache
