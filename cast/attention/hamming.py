@@ -25,7 +25,7 @@ Shapes: B batch, h heads, N length, b bits, C clusters, G = B·h, J = ceil(b / w
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -163,32 +163,17 @@ class Chunks:
         groups, nchunks, values = batch * heads, -(-bits // width), 1 << width
         self.bits, self.width, self.values, self.clusters = bits, width, values, num_clusters
         self.shape, self.nchunks = (batch, heads, length), nchunks
-        # value of chunk j = sum over its bits t of 2^t (x + 1) / 2: one matmul of the ±1 codes.
-        bit = torch.arange(bits, device=device)
-        in_chunk = bit[:, None] // width == torch.arange(nchunks, device=device)
-        weights = in_chunk * 2.0 ** (bit % width)[:, None]
-        offsets = float(values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
-        slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights / 2).long()
+        weights, offsets, self.scaled, self.tag, self.transposed, self.half = _tables(
+            bits, width, num_clusters, groups, device)
+        slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights).long()
         # The row of each chunk in the (G·J·2^w) rows of all groups' tables: (g·J + j)·2^w + value.
         group = torch.arange(groups, device=device).repeat_interleave(length)[:, None]
         self.rows = slots.view(groups * length, nchunks) + group * (nchunks * values)
-        # ±1 bits of every chunk value, 0 for the bits past b (in the last chunk only).
-        patterns = ((torch.arange(values, device=device)[:, None] >> torch.arange(width, device=device)) & 1) * 2.0 - 1
-        real = (torch.arange(nchunks * width, device=device) < bits).float().view(nchunks, 1, width)
-        patterns = patterns * real                                                   # (J, 2^w, w)
-        # nearest(): similarities scaled by C, and C - 1 - c added once (in chunk 0's rows) as the
-        # tie-break tag of centroid c.
-        self.scaled = (patterns * num_clusters).repeat(groups, 1, 1)                  # (G·J, 2^w, w)
-        tag = torch.zeros(nchunks, values, num_clusters, device=device)
-        tag[0] += torch.arange(num_clusters - 1, -1, -1, device=device, dtype=tag.dtype)
-        self.tag = tag.repeat(groups, 1, 1)                                         # (G·J, 2^w, C)
         # vote(): the count of chunk j's value v in cluster c of group g sits at
         # ((g·J + j)·2^w + v)·C + c, and c = C - 1 - (the tag of the best centroid).
         self.vote_top = self.rows * num_clusters + (num_clusters - 1)
         self.weights = (torch.ones(groups * length, nchunks, device=device) if valid is None
                         else valid.reshape(-1, 1).float().expand(-1, nchunks).contiguous())  # padded: 0
-        self.transposed = patterns.transpose(1, 2).repeat(groups, 1, 1)              # (G·J, w, 2^w)
-        self.half = (real / 2).transpose(1, 2).repeat(groups, 1, 1)                 # (G·J, w, 1)
 
     def chunked(self, centroids: Tensor) -> Tensor:
         """(B, h, C, b) ±1 -> (G·J, w, C), the bits past b 0."""
@@ -230,6 +215,32 @@ class Chunks:
         voted = torch.bmm(self.transposed, counts).sub_(self.half).sign_()
         sizes = counts.view(-1, self.nchunks, self.values, self.clusters)[:, 0].sum(1)
         return voted, sizes
+
+
+@lru_cache(maxsize=16)
+def _tables(bits: int, width: int, num_clusters: int, groups: int, device: torch.device) -> tuple[Tensor, ...]:
+    """What :class:`Chunks` needs that depends on the shapes only (a layer calls with the same
+    ones at every step; made afresh they cost a few dozen small ops): the chunk-value matmul's
+    weights and bias, and the tables' ``scaled``, ``tag``, ``transposed`` and ``half``. Read only."""
+    nchunks, values = -(-bits // width), 1 << width
+    # value of chunk j = sum over its bits t of 2^t (x + 1) / 2: one matmul of the ±1 codes.
+    bit = torch.arange(bits, device=device)
+    in_chunk = bit[:, None] // width == torch.arange(nchunks, device=device)
+    weights = in_chunk * 2.0 ** (bit % width)[:, None]
+    offsets = float(values) * torch.arange(nchunks, device=device) + weights.sum(0) / 2
+    # ±1 bits of every chunk value, 0 for the bits past b (in the last chunk only).
+    patterns = ((torch.arange(values, device=device)[:, None] >> torch.arange(width, device=device)) & 1) * 2.0 - 1
+    real = (torch.arange(nchunks * width, device=device) < bits).float().view(nchunks, 1, width)
+    patterns = patterns * real                                                       # (J, 2^w, w)
+    # nearest(): similarities scaled by C, and C - 1 - c added once (in chunk 0's rows) as the
+    # tie-break tag of centroid c.
+    scaled = (patterns * num_clusters).repeat(groups, 1, 1)                          # (G·J, 2^w, w)
+    tag = torch.zeros(nchunks, values, num_clusters, device=device)
+    tag[0] += torch.arange(num_clusters - 1, -1, -1, device=device, dtype=tag.dtype)
+    # vote(): the bits of each chunk value, and half of each real bit (0 past b) for the sign.
+    transposed = patterns.transpose(1, 2).repeat(groups, 1, 1)                      # (G·J, w, 2^w)
+    half = (real / 2).transpose(1, 2).repeat(groups, 1, 1)                          # (G·J, w, 1)
+    return weights / 2, offsets, scaled, tag.repeat(groups, 1, 1), transposed, half
 
 
 def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
