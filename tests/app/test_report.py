@@ -181,7 +181,7 @@ def test_report_of_a_real_sweep_matches_its_results_files(sweep, tmp_path):
     md = (tmp_path / "report.md").read_text()
     table, listed = md.split("## Failed or unfinished runs")
     assert "pooling=median" not in table and "model.pooling=median" in listed
-    assert listed.count("| failed |") == 4 and listed.count("model.pooling='median' is not one of") == 4
+    assert listed.count("| failed |") == 4 and listed.count("pooling='median' must be one of") == 4
     assert "8 runs: 4 finished, 4 failed or unfinished." in md
     assert "failed or unfinished runs:" in done.stdout
 
