@@ -53,7 +53,9 @@ def hamming_kmeans(
     Returns the assignment (B, h, N), with -1 on padded queries (they join no cluster and never
     move a centroid), and the ±1 centroids (B, h, C, b) it was made against. ``iterations``
     counts assignment steps, as in the reference: iterations - 1 updates, then the final
-    assignment. Each query goes to its nearest centroid, the first one on ties.
+    assignment; on a CPU the loop ends early once an assignment repeats the previous one (every
+    later step would repeat it too), with the same result. Each query goes to its nearest
+    centroid, the first one on ties.
 
     Centroids start at the codes of valid queries spread evenly over each row's valid positions.
     A cluster left empty by an update is re-seeded with the code of the valid query farthest from
@@ -134,10 +136,19 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int,
     valid = None if cpu and bool(mask.all()) else mask[:, None, :].expand(codes.shape[:3])
     chunks = Chunks(codes, 8 if codes.shape[2] >= WIDE_FROM else 4, num_clusters, valid)
     centroids = chunks.chunked(_initial_centroids(codes, mask, num_clusters))
+    best = previous = None
     for _ in range(iterations - 1):
         best = chunks.nearest(centroids)
+        # Converged: an update is a function of ``best`` alone, so the centroids made from
+        # ``previous`` are those ``best`` would vote, and every later iteration repeats this one.
+        # Stopping here gives exactly the result of all the iterations (a host check: CPU only).
+        if cpu and previous is not None and torch.equal(best, previous):
+            break
         centroids = _update(codes, chunks, best, mask, valid, lazy=cpu)
-    return chunks.assignment(chunks.nearest(centroids), valid), chunks.unchunked(centroids)
+        previous, best = best, None
+    if best is None:
+        best = chunks.nearest(centroids)
+    return chunks.assignment(best, valid), chunks.unchunked(centroids)
 
 
 # Chunk width by length: a table holds C·2^w rows per chunk position, whatever N, and the bag

@@ -111,6 +111,25 @@ def test_kmeans_without_host_checks_equals_the_float_matmul_lloyd(bits, clusters
     assert torch.equal(centroids, expected_centroids)
 
 
+def test_kmeans_stops_once_converged_with_the_result_of_every_iteration(monkeypatch):
+    """On a CPU the Lloyd loop ends when an assignment repeats the previous one: the result is
+    exactly that of all the iterations (the reference's, and the path without host checks)."""
+    codes = random_codes((2, 2, 40, 63), seed=3)
+    mask = torch.arange(40)[None, :] < torch.tensor([40, 29])[:, None]
+    calls = []
+    nearest = Chunks.nearest
+    monkeypatch.setattr(Chunks, "nearest", lambda self, c: calls.append(1) or nearest(self, c))
+    assignment, centroids = hamming_kmeans(codes, mask, 5, iterations=30)
+    assert len(calls) < 30, "the loop must stop early for this test to check anything"
+    calls.clear()
+    unchecked = hamming._kmeans(codes, mask, 5, iterations=30, host_checks=False)
+    assert len(calls) == 30
+    expected_assignment, expected_centroids = lloyd_reference(codes, mask, 5, iterations=30)
+    for got in ((assignment, centroids), unchecked):
+        assert torch.equal(got[0], expected_assignment)
+        assert torch.equal(got[1], expected_centroids)
+
+
 @pytest.mark.parametrize("heads", [1, 3], ids=["batch-halves", "head-halves"])
 def test_kmeans_split_over_a_worker_thread_equals_the_float_matmul_lloyd(monkeypatch, heads):
     """The CPU split (half the rows in a worker thread) changes nothing, over heads or batch."""
