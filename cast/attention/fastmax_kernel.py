@@ -7,13 +7,14 @@ of every sum), and f(s) = a0 + a1·s (+ a2·s²) of s = q·k, the sums over keys
     S1 = a1 Σ_j k_j u_jᵀ               (d, e)
     S2 = a2 Σ_j k_j ⊗ k_j ⊗ u_j        (d, d, e)   (p = 2), symmetric in its first two axes
 and [numerator_i, denominator_i] = S0 + q_iᵀ S1 + (q_i ⊗ q_i)·S2, output = numerator / denominator.
-Every product is a matrix product of a chunk of rows with a (d, d·e) matrix: S2 = kᵀ (k ⊗ u) and
-q_i ⊗ q_i · S2 = Σ_b q_ib (q_i S2)_b, so the O(N·d²) feature map φ(x) = [1, x, x ⊗ x] is never
-built (its symmetric half would need per-element gathers, several times slower on CPU than
-these products). The backward pass is the same kind of products: dq = Ĝ S1ᵀ + 2 (q ⊗ Ĝ) S2ᵀ and
-dS2 = qᵀ (q ⊗ Ĝ), then dk = u dS1ᵀ + 2 (k ⊗ u) dS2ᵀ and du = S0-, S1- and S2-terms, with Ĝ
-the gradient through the division. Rows are visited in chunks, so no (N, d·e) tensor exists at
-once, and only q, k, u, the states, the output and the denominator are saved (O(N·d)).
+Every product is a matrix product over a chunk of rows: S2 = kᵀ (k ⊗ u), and (q_i ⊗ q_i)·S2 is
+the chunk's rows of q ⊗ q (C, d²) times S2 read as (d², e), so the feature map
+φ(x) = [1, x, x ⊗ x] exists for one chunk at a time only (its symmetric half would need
+per-element gathers, several times slower on CPU than these products). The backward pass is
+the same kind of products: dq = Ĝ S1ᵀ + 2 (q ⊗ Ĝ) S2ᵀ and dS2 = qᵀ (q ⊗ Ĝ), then
+dk = u dS1ᵀ + 2 (k ⊗ u) dS2ᵀ and du = S0-, S1- and S2-terms, with Ĝ the gradient through the
+division. Rows are visited in chunks, so no (N, d·e) tensor exists at once, and only q, k, u,
+the states, the output and the denominator are saved (O(N·d)).
 Time O(N·d^p·e) per head, never an N x N tensor.
 
 Shapes: G any leading dims (batch, heads), N length, d head width, e = d_v + 1.
@@ -35,11 +36,13 @@ def polynomial_attention(q: Tensor, k: Tensor, u: Tensor, coefficients: tuple[fl
     """Σ_j f(q_i·k_j) v_j / Σ_j f(q_i·k_j) m_j with u = [v, m] (G, N, d+1) -> (G, N, d).
 
     Half-precision inputs are computed in float32 (squared scores lose too much in bf16);
-    the result comes back in the input dtype."""
+    the result comes back in the input dtype. The inputs are made contiguous first: heads split
+    from a projection are a strided view, and the row-wise outer products of its chunks would
+    come out strided too and be copied before every product (a quarter of a step at 4K)."""
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     with torch.autocast(q.device.type, enabled=False):
-        out = _Polynomial.apply(q.to(work), k.to(work), u.to(work), tuple(coefficients))
+        out = _Polynomial.apply(*(t.to(work).contiguous() for t in (q, k, u)), tuple(coefficients))
     return out.to(dtype)
 
 
@@ -91,7 +94,7 @@ class _Polynomial(torch.autograd.Function):
             grad_u[..., rows, :] = d_s0 + kc @ d_s1
             grad_k[..., rows, :] = uc @ d_s1.transpose(-1, -2)
             if d_s2 is not None:
-                grad_u[..., rows, :] += _contract(kc, kc @ d_s2)
+                grad_u[..., rows, :] += _quadratic(kc, d_s2)
                 grad_k[..., rows, :] += _outer(kc, uc) @ (2 * d_s2).transpose(-1, -2)
         return grad_q, grad_k, grad_u, None
 
@@ -109,16 +112,19 @@ def _outer_sum(x: Tensor, y: Tensor, z: Tensor, chunk: int) -> Tensor:
     return total
 
 
-def _contract(x: Tensor, t: Tensor) -> Tensor:
-    """Σ_b x_b t_(b, e): x (..., C, d), t (..., C, d·e) -> (..., C, e)."""
-    # Elementwise, not a matrix product: that would be one tiny (1, d) @ (d, e) product per row.
-    return (x[..., :, None] * t.unflatten(-1, (x.shape[-1], -1))).sum(-2)
+def _quadratic(x: Tensor, s: Tensor) -> Tensor:
+    """Σ_ab x_a x_b s[a, b·e + ·] of each row: x (..., C, d), s (..., d, d·e) -> (..., C, e).
+
+    One product of the rows' x ⊗ x (C, d²) with s read as (d², e), of inner dimension d²;
+    x @ s first and then a sum over b would write and read a (C, d·e) tensor twice more."""
+    d = x.shape[-1]
+    return _outer(x, x) @ s.reshape(*s.shape[:-2], d * d, -1)
 
 
 def _read(q: Tensor, s0: Tensor, s1: Tensor, s2: Tensor | None) -> Tensor:
     """[numerator, denominator] of a chunk of queries: S0 + q S1 (+ (q ⊗ q)·S2)."""
     both = s0[..., None, :] + q @ s1
-    return both if s2 is None else both + _contract(q, q @ s2)
+    return both if s2 is None else both + _quadratic(q, s2)
 
 
 def _chunks(x: Tensor, chunk: int):
