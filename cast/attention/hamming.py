@@ -136,7 +136,7 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int,
     valid = None if cpu and bool(mask.all()) else mask[:, None, :].expand(codes.shape[:3])
     chunks = Chunks(codes, 8 if codes.shape[2] >= WIDE_FROM else 4, num_clusters, valid)
     centroids = chunks.chunked(_initial_centroids(codes, mask, num_clusters))
-    best = previous = None
+    previous = None
     for _ in range(iterations - 1):
         best = chunks.nearest(centroids)
         # Converged: an update is a function of ``best`` alone, so the centroids made from
@@ -145,8 +145,8 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int,
         if cpu and previous is not None and torch.equal(best, previous):
             break
         centroids = _update(codes, chunks, best, mask, valid, lazy=cpu)
-        previous, best = best, None
-    if best is None:
+        previous = best
+    else:
         best = chunks.nearest(centroids)
     return chunks.assignment(best, valid), chunks.unchunked(centroids)
 
@@ -254,13 +254,6 @@ def _tables(bits: int, width: int, num_clusters: int, groups: int, device: torch
     return weights / 2, offsets, scaled, tag.repeat(groups, 1, 1), transposed, half
 
 
-def assign(chunks: Chunks, centroids: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Nearest centroid (B, h, N) of each query (first one on ties, -1 where not ``valid``) and
-    its similarity b - 2·Hamming, for centroids (B, h, C, b) of ±1."""
-    best = chunks.nearest(chunks.chunked(centroids))
-    return chunks.assignment(best, valid), chunks.similarity(best)
-
-
 def _gather_codes(codes: Tensor, index: Tensor) -> Tensor:
     """Codes (B, h, C, b) of the queries at ``index`` (B, h, C)."""
     return codes.gather(2, index.unsqueeze(-1).expand(*index.shape, codes.shape[-1]))
@@ -283,9 +276,9 @@ def _update(
     batch, heads, length, bits = codes.shape
     num_clusters = chunks.clusters
     voted, sizes = chunks.vote(best)
-    empty = (sizes == 0).view(batch, heads, num_clusters)
     if lazy and bool(sizes.all()):
         return voted
+    empty = (sizes == 0).view(batch, heads, num_clusters)
 
     # Farthest first, the first position on ties: distance and position in one unique key, so
     # that a top-k (linear in N) gives the order a stable sort would.

@@ -14,7 +14,7 @@ import torch
 from cast.attention import clustered as clustered_module
 from cast.attention.clustered import ClusteredAttention
 from cast.attention import hamming
-from cast.attention.hamming import Chunks, assign, hamming_kmeans, hash_codes
+from cast.attention.hamming import Chunks, hamming_kmeans, hash_codes
 from cast.attention.vanilla import VanillaAttention
 from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
 
@@ -39,6 +39,13 @@ def test_assignment_is_the_nearest_centroid_in_hamming_distance():
     assert (own[valid] == hamming.min(-1).values[valid]).all()
     assert (assignment[~valid] == -1).all(), "padded queries must join no cluster"
     assert set(centroids.unique().tolist()) == {-1.0, 1.0}
+
+
+def assign(chunks, centroids, valid):
+    """Nearest centroid (B, h, N) of each query (first one on ties, -1 where not ``valid``) and
+    its similarity b - 2·Hamming, for centroids (B, h, C, b) of ±1, through the chunk tables."""
+    best = chunks.nearest(chunks.chunked(centroids))
+    return chunks.assignment(best, valid), chunks.similarity(best)
 
 
 def random_codes(shape, seed):
