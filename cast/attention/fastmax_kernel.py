@@ -74,6 +74,7 @@ class _Polynomial(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         g_all = q.new_empty(*q.shape[:-1], u.shape[-1])
         d_s2 = torch.zeros_like(s2) if s2 is not None else None
+        twice_s2 = 2 * s2 if s2 is not None else None  # once, not in every chunk
         for rows in _chunks(q, chunk):
             den = denominator[..., rows, None]
             g = grad[..., rows, :] / den
@@ -82,12 +83,13 @@ class _Polynomial(torch.autograd.Function):
             grad_q[..., rows, :] = g_both @ s1.transpose(-1, -2)
             if s2 is not None:
                 qg = _outer(q[..., rows, :], g_both)
-                grad_q[..., rows, :] += qg @ (2 * s2).transpose(-1, -2)
+                grad_q[..., rows, :] += qg @ twice_s2.transpose(-1, -2)
                 d_s2.add_(q[..., rows, :].transpose(-1, -2) @ qg)
         d_s0 = g_all.sum(-2, keepdim=True) * a[0]
         d_s1 = (q.transpose(-1, -2) @ g_all).mul_(a[1])
         if d_s2 is not None:
             d_s2.mul_(a[2])
+        twice_d_s2 = 2 * d_s2 if d_s2 is not None else None
         grad_k, grad_u = torch.empty_like(k), torch.empty_like(u)
         for rows in _chunks(k, chunk):
             kc, uc = k[..., rows, :], u[..., rows, :]
@@ -95,7 +97,7 @@ class _Polynomial(torch.autograd.Function):
             grad_k[..., rows, :] = uc @ d_s1.transpose(-1, -2)
             if d_s2 is not None:
                 grad_u[..., rows, :] += _quadratic(kc, d_s2)
-                grad_k[..., rows, :] += _outer(kc, uc) @ (2 * d_s2).transpose(-1, -2)
+                grad_k[..., rows, :] += _outer(kc, uc) @ twice_d_s2.transpose(-1, -2)
         return grad_q, grad_k, grad_u, None
 
 
