@@ -81,7 +81,7 @@ def lloyd_reference(codes, mask, num_clusters, iterations):
     return assignment, centroids
 
 
-@pytest.mark.parametrize("width", [4, 8])
+@pytest.mark.parametrize("width", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("bits", [13, 63])
 def test_table_assignment_equals_the_float_matmul_form(width, bits):
     codes = random_codes((2, 3, 50, bits), seed=bits)
@@ -94,16 +94,31 @@ def test_table_assignment_equals_the_float_matmul_form(width, bits):
     assert torch.equal(similarity.float(), expected.amax(-1))
 
 
-@pytest.mark.parametrize("wide_from", [0, 10**9], ids=["bytes", "nibbles"])
+@pytest.mark.parametrize("width", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("bits,clusters,valid", [(63, 5, (40, 23)), (13, 8, (40, 5)), (20, 30, (40, 40))])
-def test_kmeans_equals_the_float_matmul_lloyd(monkeypatch, wide_from, bits, clusters, valid):
-    monkeypatch.setattr(hamming, "WIDE_FROM", wide_from)
+def test_kmeans_equals_the_float_matmul_lloyd(monkeypatch, width, bits, clusters, valid):
+    monkeypatch.setattr(hamming, "chunk_width", lambda length, num_clusters: width)
     codes = random_codes((2, 2, 40, bits), seed=clusters)
     mask = torch.arange(40)[None, :] < torch.tensor(valid)[:, None]
     assignment, centroids = hamming_kmeans(codes, mask, clusters, iterations=6)
     expected_assignment, expected_centroids = lloyd_reference(codes, mask, clusters, iterations=6)
     assert torch.equal(assignment, expected_assignment)
     assert torch.equal(centroids, expected_centroids)
+
+
+@pytest.mark.parametrize("bits", [13, 63, 64])
+def test_hash_codes_are_the_signs_against_each_plane(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randn(2, 24, 3, 8, generator=g).transpose(1, 2)  # heads split from a projection
+    planes = torch.randn(9, bits, generator=g)
+    codes = hash_codes(q, planes)
+    expected = torch.where(q @ planes[:-1] > planes[-1], 1.0, -1.0)
+    assert codes.shape == (2, 3, 24, bits) and torch.equal(codes, expected)
+
+
+def test_chunk_width_grows_with_the_queries_per_cluster():
+    widths = [hamming.chunk_width(n, 32) for n in (64, 512, 1024, 2048, 4096, 8192, 16384, 65536)]
+    assert widths == [4, 4, 5, 6, 7, 8, 8, 8]
 
 
 @pytest.mark.parametrize("bits,clusters,valid", [(63, 5, (40, 23)), (20, 30, (40, 40))])

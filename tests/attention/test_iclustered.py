@@ -11,7 +11,7 @@ from cast.attention import clustered as clustered_module
 from cast.attention.base import key_padding_bias
 from cast.attention.cluster_blocks import block_attention, block_layout, block_size
 from cast.attention.clustered import ClusteredAttention, per_query
-from cast.attention.iclustered import ImprovedClusteredAttention
+from cast.attention.iclustered import ImprovedClusteredAttention, _TopKeys
 from tests.attention.reference import assert_bf16_finite, exact, fit_briefly, largest_tensor, random_batch
 from tests.attention.test_clustered import refuse_to_cluster
 
@@ -168,6 +168,51 @@ def test_block_attention_gradients_equal_plain_autograd(heads_from_projection, d
     expected_grads = torch.autograd.grad((expected * out_grad).sum(), inputs)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
+def top_keys_by_autograd(centroids, k, v, mask, topk, scale, dropout):
+    """_TopKeys by plain autograd: what its one backward node must equal."""
+    bias = key_padding_bias(mask if mask is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool),
+                            k.dtype)
+    weights = torch.softmax((centroids * scale) @ k.transpose(-1, -2) + bias, dim=-1)
+    top_weights, top = weights.topk(topk, dim=-1, sorted=False)
+    top_valid = None if mask is None else mask[:, None, None, :].expand_as(weights).gather(-1, top)
+    top_mass = (top_weights if mask is None else top_weights * top_valid).sum(-1, keepdim=True)
+    dropped = torch.nn.functional.dropout(weights, dropout) if dropout else weights
+    top_values = torch.stack([v[b, h, top[b, h]] for b in range(v.shape[0]) for h in range(v.shape[1])])
+    top_values = top_values.view(*top.shape, -1)
+    rest = dropped.scatter(-1, top, 0.0) @ v
+    return rest, top_values * top_mass.unsqueeze(-1), top, top_valid
+
+
+@pytest.mark.parametrize("heads_from_projection", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("padded", [False, True])
+def test_top_keys_node_equals_plain_autograd(heads_from_projection, dropout, padded):
+    g = torch.Generator().manual_seed(7)
+    b, h, n, d, clusters, kk = 2, 3, 50, 8, 4, 6
+    if heads_from_projection:
+        k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2) for _ in range(2))
+    else:
+        k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(2))
+    centroids = torch.randn(b, h, clusters, d, generator=g)
+    mask = (torch.arange(n) < torch.tensor([n, 4])[:, None]) if padded else None  # row 1: 4 < topk valid keys
+    inputs = [t.requires_grad_() for t in (centroids, k, v)]
+    grad_rest, grad_values = torch.randn(b, h, clusters, d, generator=g), torch.randn(b, h, clusters, kk, d, generator=g)
+    results = []
+    for form in (_TopKeys.apply, top_keys_by_autograd):
+        torch.manual_seed(0)
+        rest, values, top, top_valid = form(*inputs, mask, kk, 0.3, dropout)
+        loss = (rest * grad_rest).sum() + (values * grad_values).sum()
+        results.append((rest, values, top, top_valid, torch.autograd.grad(loss, inputs)))
+    (rest, values, top, valid, grads), (rest_, values_, top_, valid_, grads_) = results
+    assert torch.equal(top, top_) and (valid is None) == (not padded)
+    if padded:
+        assert torch.equal(valid, valid_) and not valid.all(), "some top slots must hold padded keys"
+    torch.testing.assert_close(rest, rest_, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values, values_, rtol=1e-5, atol=1e-5)
+    for grad, want in zip(grads, grads_):
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
