@@ -184,9 +184,13 @@ class Chunks:
         batch, heads, length = codes.shape[:3]
         groups, nchunks, values = batch * heads, -(-bits // width), 1 << width
         self.bits, self.width, self.values, self.clusters = bits, width, values, num_clusters
+        # nearest()'s keys hold a centroid's tag in their low bits: similarities are scaled by a
+        # power of two at least C, so that the tag is key & (scale - 1), not a float remainder
+        # (a serial op, 10x the cost of the bitwise and).
+        self.scale = 1 << (num_clusters - 1).bit_length()
         self.shape, self.nchunks = (batch, heads, length), nchunks
         weights, offsets, self.scaled, self.tag, self.transposed, self.half = _tables(
-            bits, width, num_clusters, groups, device)
+            bits, width, num_clusters, self.scale, groups, device)
         slots = torch.addmm(offsets, codes.reshape(-1, bits).float(), weights).long()   # j·2^w + value
         # nearest(): the row of each chunk in the (G·J·2^w) rows of all groups' tables,
         # (g·J + j)·2^w + value, flat, with the offset of each query's bag: the arguments of
@@ -215,21 +219,22 @@ class Chunks:
         return per_chunk.permute(0, 1, 4, 2, 3).flatten(-2)[..., : self.bits]
 
     def nearest(self, chunked: Tensor) -> Tensor:
-        """Per query (G·N,) C · (similarity b - 2·Hamming to its nearest centroid) + C - 1 - that
-        centroid's index (the first one on ties): one ``embedding_bag`` over the table rows of its
-        chunks, then one ``amax`` (far cheaper than ``max`` with indices). Small integers, exact in
-        float32."""
+        """Per query (G·N,) the key S · (similarity b - 2·Hamming to its nearest centroid) + C - 1 -
+        that centroid's index (the first one on ties), S = ``scale``: one ``embedding_bag`` over the
+        table rows of its chunks, then one ``amax`` (far cheaper than ``max`` with indices). Small
+        integers, exact in float32, returned as int64."""
         table = torch.baddbmm(self.tag, self.scaled, chunked)
-        return torch.embedding_bag(table.view(-1, self.clusters), self.rows, self.bags, False, 0)[0].amax(-1)
+        sums = torch.embedding_bag(table.view(-1, self.clusters), self.rows, self.bags, False, 0)[0]
+        return sums.amax(-1).long()
 
     def assignment(self, best: Tensor, valid: Tensor | None) -> Tensor:
         """The nearest centroid (B, h, N) of each query, -1 on padded ones."""
-        assignment = ((self.clusters - 1) - best.remainder(self.clusters)).long().view(self.shape)
+        assignment = ((self.clusters - 1) - (best & (self.scale - 1))).view(self.shape)
         return assignment if valid is None else assignment.masked_fill(~valid, -1)
 
     def similarity(self, best: Tensor) -> Tensor:
         """b - 2·Hamming (B, h, N) of each query to its nearest centroid."""
-        return best.div(self.clusters, rounding_mode="floor").long().view(self.shape)
+        return (best >> (self.scale.bit_length() - 1)).view(self.shape)
 
     def vote(self, best: Tensor) -> tuple[Tensor, Tensor]:
         """The members' majority (G·J, w, C): +1 where more of a cluster's valid members have the
@@ -237,7 +242,7 @@ class Chunks:
         member counts (G, C). Counts the members of each chunk value at each chunk position
         (one ``scatter_add_``), then sums the bits of those values (one batched matmul)."""
         groups = self.weights.shape[0]
-        index = self.vote_top - best.remainder(self.clusters).long().view(groups, -1, 1)
+        index = self.vote_top - (best & (self.scale - 1)).view(groups, -1, 1)
         counts = self.weights.new_zeros(groups, self.tag.numel() // groups)
         counts = counts.scatter_add_(1, index.view(groups, -1), self.weights).view(-1, self.values, self.clusters)
         voted = torch.bmm(self.transposed, counts).sub_(self.half).sign_()
@@ -246,7 +251,8 @@ class Chunks:
 
 
 @lru_cache(maxsize=16)
-def _tables(bits: int, width: int, num_clusters: int, groups: int, device: torch.device) -> tuple[Tensor, ...]:
+def _tables(bits: int, width: int, num_clusters: int, scale: int, groups: int,
+            device: torch.device) -> tuple[Tensor, ...]:
     """What :class:`Chunks` needs that depends on the shapes only (a layer calls with the same
     ones at every step; made afresh they cost a few dozen small ops): the chunk-value matmul's
     weights and bias, and the tables' ``scaled``, ``tag``, ``transposed`` and ``half``. Read only."""
@@ -260,9 +266,9 @@ def _tables(bits: int, width: int, num_clusters: int, groups: int, device: torch
     patterns = ((torch.arange(values, device=device)[:, None] >> torch.arange(width, device=device)) & 1) * 2.0 - 1
     real = (torch.arange(nchunks * width, device=device) < bits).float().view(nchunks, 1, width)
     patterns = patterns * real                                                       # (J, 2^w, w)
-    # nearest(): similarities scaled by C, and C - 1 - c added once (in chunk 0's rows) as the
+    # nearest(): similarities times scale, and C - 1 - c added once (in chunk 0's rows) as the
     # tie-break tag of centroid c.
-    scaled = (patterns * num_clusters).repeat(groups, 1, 1)                          # (G·J, 2^w, w)
+    scaled = (patterns * scale).repeat(groups, 1, 1)                                 # (G·J, 2^w, w)
     tag = torch.zeros(nchunks, values, num_clusters, device=device)
     tag[0] += torch.arange(num_clusters - 1, -1, -1, device=device, dtype=tag.dtype)
     # vote(): the bits of each chunk value, and half of each real bit (0 past b) for the sign.
