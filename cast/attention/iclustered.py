@@ -148,8 +148,8 @@ class _TopKeys(torch.autograd.Function):
             grad_w.mul_(kept).div_(1 - ctx.dropout)
         top_grad = grad_mass.unsqueeze(-1).expand_as(top)
         grad_w.scatter_(-1, top, top_grad if top_valid is None else top_grad * top_valid)
-        # softmax backward in place, w · (g - <g, w>), times the score scale
-        grad_w.sub_((grad_w * weights).sum(-1, keepdim=True)).mul_(weights).mul_(ctx.scale)
+        # softmax backward, w · (g - <g, w>) (autograd's own kernel), times the score scale
+        grad_w = torch._softmax_backward_data(grad_w, weights, -1, dtype).mul_(ctx.scale)
         grad_centroids = torch.matmul(grad_w, k.to(dtype).contiguous()).to(centroids.dtype)
         grad_k = torch.matmul(grad_w.transpose(-1, -2), centroids.to(dtype)).to(k.dtype)
         return grad_centroids, grad_k, grad_v.to(v.dtype), None, None, None, None
