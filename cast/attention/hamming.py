@@ -157,15 +157,16 @@ def _kmeans(codes: Tensor, mask: Tensor, num_clusters: int, iterations: int,
 
 
 def chunk_width(length: int, num_clusters: int) -> int:
-    """Bits per chunk: about log2(N / C), within [4, 8].
+    """Bits per chunk: about log2(N / C) - 1, within [4, 8].
 
     A table holds C·2^w rows per chunk position whatever N, and the bag sums ceil(b / w) rows per
     query: the tables (built, and counted into by the vote) cost about what the sums do when
-    C·2^w is near N. Measured for C = 32 on 2 cores, 4 x 4 rows of 63 bits, 10 iterations (ms,
-    widths 4 / 5 / 6 / 7 / 8): 1K 12.4 / 11.7 / 12.9 / 15.4 / 17.9; 4K 33.8 / 32.9 / 31.5 /
-    31.8 / 37.9; 16K 188 / 161 / 159 / 148 / 141.
+    C·2^w is near N / 2. Measured for C = 32 on 2 Intel Xeon cores, 4 x 4 rows of 63 bits, 10
+    iterations (ms, widths 4 / 5 / 6 / 7 / 8): N = 128 2.8 / 3.1 / 3.8 / 4.7 / 9.2; 1K 13.1 /
+    13.1 / 13.2 / 15.9 / 20.2; 4K 60.2 / 56.5 / 41.9 / 44.8 / 46.6; 8K 78.8 / 71.9 / 69.4 / 72.9
+    / 78.2; 16K 199 / 176 / 154 / 145 / 148 (runs vary by about 10%).
     """
-    return min(max((length // num_clusters).bit_length() - 1, 4), 8)
+    return min(max((length // num_clusters).bit_length() - 2, 4), 8)
 
 
 class Chunks:

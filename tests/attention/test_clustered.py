@@ -118,7 +118,7 @@ def test_hash_codes_are_the_signs_against_each_plane(bits):
 
 def test_chunk_width_grows_with_the_queries_per_cluster():
     widths = [hamming.chunk_width(n, 32) for n in (64, 512, 1024, 2048, 4096, 8192, 16384, 65536)]
-    assert widths == [4, 4, 5, 6, 7, 8, 8, 8]
+    assert widths == [4, 4, 4, 5, 6, 7, 8, 8]
 
 
 @pytest.mark.parametrize("bits,clusters,valid", [(63, 5, (40, 23)), (20, 30, (40, 40))])
