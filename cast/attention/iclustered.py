@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cast.attention.base import key_padding_bias, require_positive
+from cast.attention.base import key_padding_bias, known_unpadded, require_positive
 from cast.attention.cluster_blocks import block_attention, block_layout, block_size, row_numbers, take_rows
 from cast.attention.clustered import ClusteredAttention
 
@@ -65,11 +65,10 @@ class ImprovedClusteredAttention(ClusteredAttention):
     ) -> Tensor:
         scale = 1 / math.sqrt(q.shape[-1])
         dropout = self.dropout if self.training else 0.0
-        # Where every key is valid (checked on a CPU only: on an accelerator it would synchronise)
-        # no top slot needs silencing; a padded key's weight is 0 either way.
-        every_key = q.device.type == "cpu" and bool(mask.all())
+        # Where every key is known valid no top slot needs silencing; a padded key's weight is 0
+        # either way.
         rest, top_values, top, top_valid = _TopKeys.apply(
-            centroids, k, v, None if every_key else mask, self.topk, scale, dropout)
+            centroids, k, v, None if known_unpadded(mask) else mask, self.topk, scale, dropout)
         silenced = None
         if top_valid is not None:
             silenced = torch.zeros_like(top_valid, dtype=q.dtype).masked_fill_(~top_valid, torch.finfo(q.dtype).min)
