@@ -163,7 +163,9 @@ def generate(
     workers = workers or os.cpu_count() or 1
     unique: dict[str, int] = {}
     chunk_index = 0
-    with Progress(disable=not progress, transient=True) as bar, Pool(workers) as pool:
+    # The pool forks its workers before the progress bar starts its refresh thread: a fork while
+    # that thread holds a lock leaves the lock held in the worker, which then hangs.
+    with Pool(workers) as pool, Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("ListOps", total=num_samples)
         while len(unique) < num_samples:
             missing, before = num_samples - len(unique), len(unique)

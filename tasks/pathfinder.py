@@ -101,8 +101,9 @@ def read_images(paths: list[Path], resolution: int, workers: int | None = None) 
     workers = min(workers or os.cpu_count() or 1, len(jobs)) if len(paths) >= POOL_FROM else 1
     kept, pixels = [np.zeros(0, bool)], [np.zeros((0, resolution * resolution), np.uint8)]
     columns = (*Progress.get_default_columns(), MofNCompleteColumn())
-    with Progress(*columns, transient=True, disable=len(paths) < POOL_FROM) as bar, \
-            Pool(workers) if workers > 1 else nullcontext() as pool:
+    # Workers forked before the progress bar's refresh thread starts (see listops_generator.generate).
+    with Pool(workers) if workers > 1 else nullcontext() as pool, \
+            Progress(*columns, transient=True, disable=len(paths) < POOL_FROM) as bar:
         task = bar.add_task(f"decoding pathfinder{resolution}", total=len(paths))
         for k, p in pool.imap(_decode_chunk, jobs) if pool else map(_decode_chunk, jobs):
             kept.append(k)

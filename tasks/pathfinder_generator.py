@@ -239,7 +239,8 @@ def write_release(out: str | Path, resolution: int = 32, difficulty: str = "hard
     pending: dict[int, list] = {b: [] for b in todo}
     workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
     columns = (*Progress.get_default_columns(), MofNCompleteColumn())
-    with Progress(*columns, disable=not progress) as bar, Pool(workers) if workers > 1 else nullcontext() as pool:
+    # Workers forked before the progress bar's refresh thread starts (see listops_generator.generate).
+    with Pool(workers) if workers > 1 else nullcontext() as pool, Progress(*columns, disable=not progress) as bar:
         task = bar.add_task(f"pathfinder{resolution} {difficulty}", total=count,
                             completed=count - sum(sizes[b] for b in todo))
         for b, lines in pool.imap_unordered(_chunk, jobs) if pool else map(_chunk, jobs):
